@@ -1,0 +1,1 @@
+"""virtfleet shared language: config, store, message contract and small helpers."""

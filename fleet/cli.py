@@ -1,0 +1,198 @@
+"""The `virtfleet` command: run each part, manage the database and tokens, one-machine mode.
+
+Owns argument parsing and process wiring only. Bad settings end with the ConfigError message
+(naming the setting), never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from fleet.config import Settings, load_settings
+from fleet.exceptions import ConfigError
+
+
+def _settings(ctx: click.Context) -> Settings:
+    if ctx.obj is None:
+        try:
+            ctx.obj = load_settings()
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    return ctx.obj
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+def main() -> None:
+    """virtfleet: a small private cloud for KVM hosts."""
+
+
+@main.group()
+def db() -> None:
+    """The state store."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create or migrate the database to the newest schema."""
+    from fleet.store.migrate import upgrade
+    settings = _settings(ctx)
+    upgrade(settings.db_url)
+    click.echo("database is up to date")
+
+
+@main.group()
+def admin() -> None:
+    """Administration."""
+
+
+@admin.command("create-token")
+@click.option("--user", default="admin", show_default=True)
+@click.option("--project", default="admin", show_default=True)
+@click.option("--admin/--no-admin", "is_admin", default=False, help="grant admin rights")
+@click.pass_context
+def create_token_cmd(ctx: click.Context, user: str, project: str, is_admin: bool) -> None:
+    """Create an API token (printed once; only its hash is stored)."""
+    from fleet.store.session import Store
+    from web.auth import create_token
+    settings = _settings(ctx)
+    store = Store(settings.db_url)
+    try:
+        with store.session() as s:
+            token = create_token(s, user, project, admin=is_admin)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(token)
+
+
+@main.command()
+@click.pass_context
+def web(ctx: click.Context) -> None:
+    """Run the API and web pages (gunicorn)."""
+    from web.server import serve
+    settings = _settings(ctx)
+    _logging(settings)
+    serve(settings)
+
+
+@main.command()
+@click.pass_context
+def scheduler(ctx: click.Context) -> None:
+    """Run the scheduler service (control queue, liveness)."""
+    from scheduler.service import run
+    settings = _settings(ctx)
+    _logging(settings)
+    run(settings)
+
+
+@main.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run this host's worker (its queue, heartbeats, libvirt events)."""
+    from worker.service import run
+    settings = _settings(ctx)
+    _logging(settings)
+    try:
+        run(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _secret_file(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+@main.command()
+@click.option("--demo-image/--no-demo-image", default=True, show_default=True,
+              help="build and register the tiny demo image")
+@click.pass_context
+def up(ctx: click.Context, demo_image: bool) -> None:
+    """One machine: migrate, then run web, scheduler and a worker until Ctrl-C."""
+    settings = _settings(ctx)
+    from fleet.store.migrate import upgrade
+    upgrade(settings.db_url)
+    env = dict(os.environ)
+    if not settings.host_token:
+        env["VIRTFLEET_HOST_TOKEN"] = _secret_file(settings.state_dir / "host-token")
+    token_file = settings.state_dir / "admin-token"
+    if not token_file.exists():
+        from fleet.store.session import Store
+        from web.auth import create_token
+        with Store(settings.db_url).session() as s:
+            token = create_token(s, "admin", "admin", admin=True, name="quickstart")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+    token = token_file.read_text().strip()
+    exe = [sys.executable, "-m", "fleet.cli"]
+    procs = [subprocess.Popen([*exe, part], env=env)  # noqa: S603 - our own argv
+             for part in ("web", "scheduler", "worker")]
+    try:
+        if demo_image:
+            _register_demo(settings, token)
+        click.echo(f"\nvirtfleet is running at {settings.base_url}/\n"
+                   f"  admin token: {token}\n  API docs:    {settings.base_url}/api/v1/docs\n"
+                   "Press Ctrl-C to stop.\n")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        raise click.ClickException("a virtfleet process exited; stopping the others")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _register_demo(settings: Settings, token: str) -> None:
+    import requests
+
+    from demo.image import build_demo_image
+    path = build_demo_image(settings.state_dir / "demo" / "virtfleet-demo.qcow2")
+    url = f"{settings.base_url}/api/v1/images"
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(60):
+        try:
+            listed = requests.get(url, headers=headers, timeout=5)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        raise click.ClickException("the web process did not come up")
+    if any(i["name"] == "demo" for i in listed.json()):
+        return
+    resp = requests.post(url, headers=headers, timeout=120,
+                         json={"name": "demo", "source": str(path), "visibility": "public"})
+    if resp.status_code != 201:
+        raise click.ClickException(f"could not register the demo image: {resp.text}")
+    click.echo("registered the demo image as 'demo'")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The message contract between control plane and hosts: task names, queues, payloads.
+
+Everything a host needs travels in a build/delete message; everything a host learns comes
+back as an event on the control queue. Payloads are plain JSON-able dicts, described here.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any, TypedDict
+
+CONTROL_QUEUE = "control"
+"""The queue the scheduler service consumes: events from hosts and control-plane jobs."""
+
+TASK_BUILD_VM = "virtfleet.worker.build_vm"
+"""Build a VM on the host that owns the queue; payload: BuildPayload."""
+
+TASK_DELETE_VM = "virtfleet.worker.delete_vm"
+"""Destroy and remove a VM; payload: DeletePayload."""
+
+TASK_CONSOLE_LOG = "virtfleet.worker.console_log"
+"""RPC: return the tail of a VM's serial console log (the only task with a result)."""
+
+TASK_EVENT = "virtfleet.scheduler.event"
+"""An event from a host (or the control plane) for the scheduler to apply; payload: Event."""
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+"""Allow-list for every name a user gives (VMs, images, hosts, projects)."""
+
+# Event types. One vocabulary everywhere: API, page, events.
+EV_HEARTBEAT = "host.heartbeat"
+EV_BUILD_STEP = "vm.build.step"
+EV_BUILD_DONE = "vm.build.done"
+EV_BUILD_FAILED = "vm.build.failed"
+EV_DELETED = "vm.deleted"
+EV_DELETE_FAILED = "vm.delete.failed"
+EV_LIFECYCLE = "vm.lifecycle"
+EV_STATE = "vm.state"
+EV_HOST_DOWN = "host.down"
+EV_HOST_UP = "host.up"
+
+VM_STATES = ("pending", "building", "running", "ready", "stopping", "stopped", "rebooting",
+             "resizing", "snapshotting", "deleting", "error", "unknown")
+
+BUILD_STEPS = ("image", "overlay", "seed", "define", "start")
+"""The build steps, in order; a failed build names the step that failed."""
+
+
+def host_queue(host_name: str) -> str:
+    """The queue a host's worker consumes."""
+    return f"host.{host_name}"
+
+
+class ImageRef(TypedDict):
+    id: str
+    sha256: str
+    disk_format: str
+    size_bytes: int
+    url: str
+
+
+class BuildPayload(TypedDict):
+    vm: dict[str, Any]  # id, name, project, vcpus, memory_mb, disk_gb, user_data, hostname, mac
+    image: ImageRef
+    job_id: str
+    attempt: int
+
+
+class DeletePayload(TypedDict):
+    vm_id: str
+    job_id: str
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def make_event(type_: str, *, host: str = "", vm_id: str = "", job_id: str = "",
+               **data: Any) -> dict[str, Any]:
+    """An event as it travels: type, timestamp, origin and free-form data."""
+    return {"type": type_, "ts": now_iso(), "host": host, "vm_id": vm_id, "job_id": job_id,
+            "data": data}

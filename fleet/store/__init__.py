@@ -1,0 +1,1 @@
+"""The state store: SQLAlchemy models, sessions and Alembic migrations. Control plane only."""

@@ -1,0 +1,167 @@
+"""SQLAlchemy 2 models of everything the control plane remembers.
+
+Owns table and column definitions only: no policy, no queries beyond relationships.
+Capacity is counted in vCPUs, MiB of memory and GiB of disk.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    project: Mapped[Project] = relationship()
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(63), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[User] = relationship()
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    arch: Mapped[str] = mapped_column(String(16), default="x86_64")
+    virt_type: Mapped[str] = mapped_column(String(8), default="qemu")
+    vcpus: Mapped[int] = mapped_column(Integer, default=0)
+    memory_mb: Mapped[int] = mapped_column(Integer, default=0)
+    disk_gb: Mapped[int] = mapped_column(Integer, default=0)
+    used_vcpus: Mapped[int] = mapped_column(Integer, default=0)
+    used_memory_mb: Mapped[int] = mapped_column(Integer, default=0)
+    used_disk_gb: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    alive: Mapped[bool] = mapped_column(Boolean, default=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    cached_images: Mapped[list[Any]] = mapped_column(default=list)
+    load: Mapped[float] = mapped_column(Float, default=0.0)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    visibility: Mapped[str] = mapped_column(String(8), default="private")
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    virtual_size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_format: Mapped[str] = mapped_column(String(8), default="qcow2")
+    source: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VM(Base):
+    __tablename__ = "vms"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id"))
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    disk_gb: Mapped[int] = mapped_column(Integer)
+    user_data: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    failed_step: Mapped[str] = mapped_column(String(32), default="")
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    alternates: Mapped[list[Any]] = mapped_column(default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    mac: Mapped[str] = mapped_column(String(17), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    host: Mapped[Host | None] = relationship()
+    image: Mapped[Image] = relationship()
+    project: Mapped[Project] = relationship()
+
+
+class Claim(Base):
+    __tablename__ = "claims"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vm_id: Mapped[str] = mapped_column(String(36), unique=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id"))
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mb: Mapped[int] = mapped_column(Integer)
+    disk_gb: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    vm_id: Mapped[str] = mapped_column(String(36), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    step: Mapped[str] = mapped_column(String(32), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    host_name: Mapped[str] = mapped_column(String(63), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    vm_id: Mapped[str] = mapped_column(String(36), default="", index=True)
+    project_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    job_id: Mapped[str] = mapped_column(String(36), default="")
+    host_name: Mapped[str] = mapped_column(String(63), default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -1,0 +1,1 @@
+"""The scheduler: pure placement, claims in the store, event handling and host liveness."""

@@ -1,0 +1,254 @@
+"""Apply events from hosts to the store as state-machine transitions.
+
+Owns what each event means for VMs, jobs and hosts. Every transition is a compare-and-set
+on the VM's expected state. Returns the messages to send (reschedules) instead of sending
+them, so it can be tested without a broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from fleet import contract as c
+from fleet.config import Settings
+from fleet.exceptions import NoValidHost
+from fleet.store.models import VM, Event, Host, Image, Job, utcnow
+from scheduler import claims
+from scheduler.placement import Request
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+"""Build attempts per VM (first host plus alternates) before it goes to error."""
+
+
+@dataclass
+class Outgoing:
+    """A message to send after the transaction commits."""
+
+    task: str
+    payload: dict[str, Any]
+    queue: str
+
+
+def transition(session: Session, vm_id: str, allowed: tuple[str, ...], to: str,
+               reason: str = "", step: str = "") -> bool:
+    """Move a VM to `to` only if it is in one of `allowed` states. True if it moved."""
+    res = session.execute(
+        update(VM).where(VM.id == vm_id, VM.state.in_(allowed))
+        .values(state=to, state_reason=reason, failed_step=step, updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
+def _parse_ts(ts: str) -> datetime:
+    try:
+        dt = datetime.fromisoformat(ts)
+    except (TypeError, ValueError):
+        return utcnow()
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def record(session: Session, event: dict[str, Any], project_id: int | None = None) -> Event:
+    row = Event(type=event["type"], ts=_parse_ts(event.get("ts", "")),
+                vm_id=event.get("vm_id", ""), job_id=event.get("job_id", ""),
+                host_name=event.get("host", ""), project_id=project_id,
+                data=event.get("data", {}))
+    session.add(row)
+    return row
+
+
+def _job(session: Session, job_id: str, only_open: bool = False, **values: Any) -> None:
+    if job_id:
+        cond = [Job.id == job_id]
+        if only_open:
+            cond.append(Job.state.in_(("queued", "running")))
+        session.execute(update(Job).where(*cond)
+                        .values(updated_at=utcnow(), **values)
+                        .execution_options(synchronize_session=False))
+
+
+def build_payload(vm: VM, image: Image, job_id: str, settings: Settings) -> dict[str, Any]:
+    """The build message: everything the host needs, nothing that needs the store."""
+    return {
+        "vm": {"id": vm.id, "name": vm.name, "project": vm.project.name, "vcpus": vm.vcpus,
+               "memory_mb": vm.memory_mb, "disk_gb": vm.disk_gb, "user_data": vm.user_data,
+               "hostname": vm.name, "mac": vm.mac},
+        "image": {"id": image.id, "sha256": image.sha256, "disk_format": image.disk_format,
+                  "size_bytes": image.size_bytes,
+                  "url": f"{settings.base_url}/api/v1/images/{image.id}/data"},
+        "job_id": job_id,
+        "attempt": vm.attempts,
+    }
+
+
+def on_heartbeat(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    d = event["data"]
+    host = session.scalars(select(Host).where(Host.name == event["host"])).first()
+    if host is None:
+        host = Host(name=event["host"], labels={}, cached_images=[])
+        session.add(host)
+    was_down = host.id is not None and not host.alive
+    host.arch = d.get("arch", host.arch)
+    host.virt_type = d.get("virt_type", host.virt_type)
+    host.vcpus = int(d.get("vcpus", host.vcpus))
+    host.memory_mb = int(d.get("memory_mb", host.memory_mb))
+    host.disk_gb = int(d.get("disk_gb", host.disk_gb))
+    host.load = float(d.get("load", 0.0))
+    host.cached_images = list(d.get("cached_images", []))
+    host.last_heartbeat = utcnow()
+    host.alive = True
+    session.flush()
+    if was_down:
+        record(session, c.make_event(c.EV_HOST_UP, host=host.name))
+    # VMs whose state we lost while the host was silent come back from what it reports.
+    domains: dict[str, str] = d.get("domains", {})
+    for vm in session.scalars(select(VM).where(VM.host_id == host.id, VM.state == "unknown")):
+        seen = domains.get(vm.id)
+        if seen is not None:
+            transition(session, vm.id, ("unknown",), "running" if seen == "running"
+                       else "stopped", reason="host reported again")
+    return []
+
+
+def on_build_step(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    _job(session, event["job_id"], only_open=True, state="running",
+         step=event["data"].get("step", ""),
+         host_name=event["host"])
+    return []
+
+
+def on_build_done(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    transition(session, event["vm_id"], ("building", "pending", "unknown"), "running")
+    _job(session, event["job_id"], state="done", step="", message="")
+    return []
+
+
+def on_build_failed(session: Session, event: dict[str, Any],
+                    settings: Settings) -> list[Outgoing]:
+    vm = session.get(VM, event["vm_id"])
+    step = event["data"].get("step", "")
+    reason = event["data"].get("reason", "build failed")
+    if vm is None or vm.state not in ("building", "pending"):
+        _job(session, event["job_id"], state="failed", step=step, message=reason)
+        return []
+    failed_on = event["host"]
+    claims.release(session, vm.id)
+    alternates = [a for a in (vm.alternates or []) if a != failed_on]
+    if vm.attempts + 1 < MAX_ATTEMPTS and alternates:
+        req = Request(vcpus=vm.vcpus, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb,
+                      image_sha256=vm.image.sha256)
+        try:
+            host = claims.place_and_claim(session, vm, req, settings, only=frozenset(alternates))
+        except NoValidHost:
+            host = None
+        if host is not None:
+            vm.attempts += 1
+            vm.alternates = [a for a in alternates if a != host.name]
+            _job(session, event["job_id"], state="queued", step="",
+                 message=f"rescheduled after failure on {failed_on}: {reason}",
+                 host_name=host.name)
+            session.flush()
+            return [Outgoing(c.TASK_BUILD_VM,
+                             build_payload(vm, vm.image, event["job_id"], settings),
+                             c.host_queue(host.name))]
+    vm.host_id = None
+    transition(session, vm.id, ("building", "pending"), "error", reason=reason, step=step)
+    _job(session, event["job_id"], state="failed", step=step, message=reason)
+    return []
+
+
+LIFECYCLE_TO_STATE: dict[str, tuple[tuple[str, ...], str]] = {
+    "started": (("stopped", "unknown", "rebooting", "error", "stopping"), "running"),
+    "resumed": (("stopped", "unknown"), "running"),
+    "stopped": (("running", "ready", "stopping", "rebooting", "unknown"), "stopped"),
+    "crashed": (("running", "ready", "unknown"), "error"),
+}
+
+
+def on_lifecycle(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    name = event["data"].get("event", "")
+    detail = event["data"].get("detail", "")
+    if name == "stopped" and detail == "crashed":
+        name = "crashed"
+    if name in LIFECYCLE_TO_STATE:
+        allowed, to = LIFECYCLE_TO_STATE[name]
+        reason = "the guest crashed" if to == "error" else ""
+        transition(session, event["vm_id"], allowed, to, reason=reason)
+    return []
+
+
+def on_deleted(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    claims.release(session, event["vm_id"])
+    vm = session.get(VM, event["vm_id"])
+    if vm is not None:
+        session.delete(vm)
+    _job(session, event["job_id"], state="done", step="")
+    return []
+
+
+def on_delete_failed(session: Session, event: dict[str, Any],
+                     settings: Settings) -> list[Outgoing]:
+    reason = event["data"].get("reason", "delete failed")
+    transition(session, event["vm_id"], ("deleting",), "error", reason=reason, step="delete")
+    _job(session, event["job_id"], state="failed", message=reason)
+    return []
+
+
+HANDLERS = {
+    c.EV_HEARTBEAT: on_heartbeat,
+    c.EV_BUILD_STEP: on_build_step,
+    c.EV_BUILD_DONE: on_build_done,
+    c.EV_BUILD_FAILED: on_build_failed,
+    c.EV_LIFECYCLE: on_lifecycle,
+    c.EV_DELETED: on_deleted,
+    c.EV_DELETE_FAILED: on_delete_failed,
+}
+
+
+def apply_event(session: Session, event: dict[str, Any],
+                settings: Settings) -> tuple[list[Outgoing], Event | None]:
+    """Apply one event; heartbeats are not kept in the event log (they would flood it)."""
+    handler = HANDLERS.get(event.get("type", ""))
+    if handler is None:
+        log.warning("ignoring unknown event type %r", event.get("type"))
+        return [], None
+    vm = session.get(VM, event["vm_id"]) if event.get("vm_id") else None
+    project_id = vm.project_id if vm is not None else None
+    out = handler(session, event, settings)
+    row = None if event["type"] == c.EV_HEARTBEAT else record(session, event, project_id)
+    if vm is not None and event["type"] != c.EV_DELETED:
+        session.flush()
+        session.refresh(vm)
+        if row is not None:
+            row.data = {**row.data, "state": vm.state}
+    return out, row
+
+
+def mark_silent_hosts_down(session: Session, settings: Settings,
+                           now: datetime | None = None) -> list[str]:
+    """Hosts that missed `missed_heartbeats` beats go down; their VMs become unknown."""
+    now = now or utcnow()
+    limit = now - timedelta(seconds=settings.heartbeat_interval * settings.missed_heartbeats)
+    down: list[str] = []
+    for host in session.scalars(select(Host).where(Host.alive.is_(True))):
+        last = host.last_heartbeat
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        if last is None or last < limit:
+            host.alive = False
+            down.append(host.name)
+            record(session, c.make_event(c.EV_HOST_DOWN, host=host.name))
+            for vm in session.scalars(select(VM).where(VM.host_id == host.id)):
+                if vm.state not in ("deleting", "error", "unknown"):
+                    transition(session, vm.id, (vm.state,), "unknown",
+                               reason=f"host {host.name} stopped reporting")
+                    record(session, c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id,
+                                                 state="unknown"), vm.project_id)
+    return down

@@ -1,0 +1,50 @@
+"""The `virtfleet scheduler` process: a Celery worker on the control queue plus a liveness loop.
+
+Owns wiring and the periodic host-liveness check; the logic lives in events.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from fleet import contract as c
+from fleet.bus import Bus
+from fleet.celery_app import make_celery
+from fleet.config import Settings
+from fleet.store.session import Store
+from scheduler import tasks
+from scheduler.events import mark_silent_hosts_down
+
+log = logging.getLogger(__name__)
+
+
+def liveness_loop(store: Store, settings: Settings, bus: Bus, stop: threading.Event) -> None:
+    while not stop.wait(settings.heartbeat_interval / 2):
+        try:
+            with store.session() as session:
+                down = mark_silent_hosts_down(session, settings)
+            for name in down:
+                log.warning("host %s missed %d heartbeats: marked down", name,
+                            settings.missed_heartbeats)
+                bus.publish(c.make_event(c.EV_HOST_DOWN, host=name))
+        except Exception:  # noqa: BLE001 - keep checking; a DB hiccup must not stop liveness
+            log.exception("liveness check failed")
+
+
+def run(settings: Settings, concurrency: int = 1) -> None:
+    store = Store(settings.db_url)
+    bus = Bus(settings.redis_url)
+    app = make_celery(settings, "virtfleet-scheduler")
+    tasks.register(app, store, settings, bus)
+    stop = threading.Event()
+    thread = threading.Thread(target=liveness_loop, args=(store, settings, bus, stop),
+                              name="liveness", daemon=True)
+    thread.start()
+    try:
+        app.worker_main(["worker", "--queues", c.CONTROL_QUEUE, "--pool", "threads",
+                         "--concurrency", str(concurrency), "--loglevel", settings.log_level,
+                         "--hostname", f"scheduler@{settings.host_name}", "--without-gossip",
+                         "--without-mingle", "--without-heartbeat"])
+    finally:
+        stop.set()

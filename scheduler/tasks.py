@@ -1,0 +1,42 @@
+"""Celery tasks of the scheduler service: thin shells over scheduler.events.
+
+Registered only in the `virtfleet scheduler` process; it consumes the control queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from fleet import contract as c
+from fleet.bus import Bus
+from fleet.config import Settings
+from fleet.store.session import Store
+from scheduler.events import apply_event
+
+log = logging.getLogger(__name__)
+
+
+def event_dict(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "type": row.type, "ts": row.ts.isoformat(), "vm_id": row.vm_id,
+            "job_id": row.job_id, "host": row.host_name, "project_id": row.project_id,
+            "data": row.data}
+
+
+def register(app: Celery, store: Store, settings: Settings, bus: Bus) -> None:
+    """Bind the control-queue tasks to this process's store and bus."""
+
+    @app.task(name=c.TASK_EVENT, acks_late=True, ignore_result=True)
+    def handle_event(event: dict[str, Any]) -> None:
+        with store.session() as session:
+            outgoing, row = apply_event(session, event, settings)
+            published = event_dict(row) if row is not None else None
+        for msg in outgoing:
+            app.send_task(msg.task, args=[msg.payload], queue=msg.queue)
+        if published is not None:
+            try:
+                bus.publish(published)
+            except Exception:  # noqa: BLE001 - the page re-reads the store; never lose the event
+                log.exception("could not publish event %s", published["id"])

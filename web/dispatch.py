@@ -1,0 +1,43 @@
+"""Sending work to hosts through the message contract (Celery `send_task` by name).
+
+Owns the web's only use of Celery. Tests of the API alone give create_app a recording
+dispatcher instead; the distributed path always goes through this one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from fleet import contract as c
+from fleet.celery_app import make_celery
+from fleet.config import Settings
+
+
+class Dispatcher(Protocol):
+    def build(self, host: str, payload: dict[str, Any]) -> None: ...
+    def delete(self, host: str, payload: dict[str, Any]) -> None: ...
+    def console_log(self, host: str, vm_id: str, max_bytes: int) -> str: ...
+
+
+class CeleryDispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self.app = make_celery(settings, "virtfleet-web")
+
+    def build(self, host: str, payload: dict[str, Any]) -> None:
+        self.app.send_task(c.TASK_BUILD_VM, args=[payload], queue=c.host_queue(host))
+
+    def delete(self, host: str, payload: dict[str, Any]) -> None:
+        self.app.send_task(c.TASK_DELETE_VM, args=[payload], queue=c.host_queue(host))
+
+    def console_log(self, host: str, vm_id: str, max_bytes: int) -> str:
+        result = self.app.send_task(c.TASK_CONSOLE_LOG, args=[vm_id, max_bytes],
+                                    queue=c.host_queue(host), ignore_result=False,
+                                    expires=10)
+        try:
+            return str(result.get(timeout=10))
+        except CeleryTimeout:
+            raise TimeoutError(f"host {host} did not answer") from None
+        finally:
+            result.forget()

@@ -1,0 +1,165 @@
+"""What the API does to VMs: create (validate, place, claim, send), delete, and their history.
+
+Owns the request-side half of a VM's life; hosts and the scheduler do the rest from messages
+and events. The VM row, its claim, its job and its first event are written in one
+transaction; if the build message cannot be sent, all of it is undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet import contract as c
+from fleet.bus import Bus
+from fleet.config import Settings
+from fleet.exceptions import Conflict, NotFound, VirtfleetError
+from fleet.store.models import VM, Event, Job
+from fleet.store.session import Store
+from scheduler import claims
+from scheduler.events import build_payload, record
+from scheduler.placement import Request
+from web.api.images import find_image
+from web.auth import Principal
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(VirtfleetError):
+    """The message broker could not take the job (answered 503)."""
+
+    http_status = 503
+
+
+def random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def get_vm(session: Session, vm_id: str, who: Principal) -> VM:
+    """A VM of the caller's project (admins see all); others' VMs are simply not found."""
+    vm = session.get(VM, vm_id)
+    if vm is None or (not who.is_admin and vm.project_id != who.project_id):
+        raise NotFound(f"VM '{vm_id}' not found")
+    return vm
+
+
+def list_vms(session: Session, who: Principal) -> list[VM]:
+    q = select(VM).order_by(VM.created_at)
+    if not who.is_admin:
+        q = q.where(VM.project_id == who.project_id)
+    return list(session.scalars(q))
+
+
+def steps(session: Session, vm_id: str) -> list[dict[str, Any]]:
+    """Each state the VM went through, when, and how long it stayed."""
+    out: list[dict[str, Any]] = []
+    for ev in session.scalars(select(Event).where(Event.vm_id == vm_id).order_by(Event.id)):
+        state = (ev.data or {}).get("state")
+        if state and (not out or out[-1]["state"] != state):
+            out.append({"state": state, "at": ev.ts, "seconds": None})
+    for prev, nxt in zip(out, out[1:], strict=False):
+        prev["seconds"] = round((nxt["at"] - prev["at"]).total_seconds(), 3)
+    return out
+
+
+@dataclass
+class Accepted:
+    vm: VM
+    job: Job
+
+
+def _publish(bus: Bus | None, ev: Event) -> None:
+    if bus is None:
+        return
+    try:
+        bus.publish({"id": ev.id, "type": ev.type, "ts": ev.ts.isoformat(), "vm_id": ev.vm_id,
+                     "job_id": ev.job_id, "host": ev.host_name, "project_id": ev.project_id,
+                     "data": ev.data})
+    except Exception:  # noqa: BLE001 - live updates are best effort; the store has it
+        log.warning("could not publish event %s", ev.id)
+
+
+def create_vm(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
+              who: Principal, data: dict[str, Any]) -> Accepted:
+    with store.session() as s:
+        image = find_image(s, data["image"], who)
+        if s.scalars(select(VM).where(VM.project_id == who.project_id,
+                                      VM.name == data["name"])).first():
+            raise Conflict(f"a VM named '{data['name']}' already exists in this project")
+        vm = VM(name=data["name"], project_id=who.project_id, image_id=image.id,
+                vcpus=data["vcpus"], memory_mb=data["memory_mb"], disk_gb=data["disk_gb"],
+                user_data=data["user_data"], state="pending", mac=random_mac())
+        s.add(vm)
+        s.flush()
+        req = Request(vcpus=vm.vcpus, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb,
+                      image_sha256=image.sha256)
+        host = claims.place_and_claim(s, vm, req, settings)
+        vm.state = "building"
+        job = Job(vm_id=vm.id, project_id=who.project_id, kind="build", host_name=host.name)
+        s.add(job)
+        s.flush()
+        ev = record(s, c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id, job_id=job.id,
+                                    state="building"), who.project_id)
+        s.flush()
+        s.refresh(vm)
+        payload = build_payload(vm, image, job.id, settings)
+        host_name = host.name
+    try:
+        dispatcher.build(host_name, payload)
+    except Exception:
+        log.exception("could not send the build of %s", vm.id)
+        with store.session() as s:
+            claims.release(s, vm.id)
+            for row in (s.get(Job, job.id), s.get(VM, vm.id)):
+                if row is not None:
+                    s.delete(row)
+        raise Unavailable("the message broker is not reachable; nothing was created") from None
+    _publish(bus, ev)
+    return Accepted(vm, job)
+
+
+def delete_vm(store: Store, dispatcher: Any, bus: Bus | None, who: Principal,
+              vm_id: str) -> Job:
+    with store.session() as s:
+        vm = get_vm(s, vm_id, who)
+        if vm.state == "deleting":
+            job = s.scalars(select(Job).where(Job.vm_id == vm.id, Job.kind == "delete")
+                            .order_by(Job.created_at.desc())).first()
+            if job is not None:
+                return job
+        host_name = vm.host.name if vm.host else ""
+        job = Job(vm_id=vm.id, project_id=vm.project_id, kind="delete", host_name=host_name)
+        s.add(job)
+        s.flush()
+        if not host_name:
+            claims.release(s, vm.id)
+            s.delete(vm)
+            job.state = "done"
+            ev = record(s, c.make_event(c.EV_DELETED, vm_id=vm.id, job_id=job.id,
+                                        state="deleted"), vm.project_id)
+            s.flush()
+            _publish(bus, ev)
+            return job
+        previous = vm.state
+        vm.state = "deleting"
+        ev = record(s, c.make_event(c.EV_STATE, host=host_name, vm_id=vm.id, job_id=job.id,
+                                    state="deleting"), vm.project_id)
+        s.flush()
+    try:
+        dispatcher.delete(host_name, {"vm_id": vm_id, "job_id": job.id})
+    except Exception:
+        log.exception("could not send the delete of %s", vm_id)
+        with store.session() as s:
+            row = s.get(VM, vm_id)
+            if row is not None:
+                row.state = previous
+            s.delete(s.get(Job, job.id))
+        raise Unavailable("the message broker is not reachable; the VM was left as it was") \
+            from None
+    _publish(bus, ev)
+    return job

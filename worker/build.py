@@ -1,0 +1,123 @@
+"""Build and delete flows on a host: plain functions, each step idempotent and undone on error.
+
+Owns the order of a build (image → overlay → seed → define → start) and of a delete. Talks
+to libvirt only through worker.virt, to qemu-img only through worker.images; reports progress
+through the `emit` callable it is given, never to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleet import contract as c
+from fleet.exceptions import BuildError
+from worker import cache, images
+from worker.domain import HostSettings, design, instance_paths, to_xml
+from worker.seed import build_seed_iso
+from worker.virt import Virt
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[..., None]
+"""emit(event_type, vm_id=..., job_id=..., **data) sends an event to the control plane."""
+
+GIB = 1024**3
+PATH_RE = re.compile(r"(?<![\w:])/[\w.@+-]+(?:/[\w.@+-]*)*")
+
+
+@dataclass
+class HostContext:
+    """Everything a flow needs on this host."""
+
+    virt: Virt
+    host: HostSettings
+    host_token: str
+    emit: Emit
+
+
+def scrub(message: str) -> str:
+    """A message safe to show a tenant: host paths replaced, length bounded."""
+    return PATH_RE.sub("<path>", message)[:500]
+
+
+def network_config(mac: str) -> str:
+    """cloud-init network-config v2: DHCP on the NIC with the VM's MAC."""
+    eth: dict[str, Any] = {"dhcp4": True}
+    if mac:
+        eth.update({"match": {"macaddress": mac}, "set-name": "eth0"})
+    return yaml.safe_dump({"version": 2, "ethernets": {"eth0": eth}}, sort_keys=False)
+
+
+def build_vm(ctx: HostContext, payload: dict[str, Any]) -> None:
+    """Build (or finish building) the VM in `payload`; raises BuildError naming the step."""
+    vm, job_id = payload["vm"], payload["job_id"]
+    vm_id = vm["id"]
+    paths = instance_paths(ctx.host.storage_dir, vm_id)
+
+    def step(name: str) -> None:
+        ctx.emit(c.EV_BUILD_STEP, vm_id=vm_id, job_id=job_id, step=name)
+
+    if ctx.virt.state(vm_id) == "running":
+        return  # a redelivered message for a build that already finished
+    current = "image"
+    try:
+        with ExitStack() as undo:
+            step(current)
+            base = cache.ensure_base(ctx.host.storage_dir, payload["image"], ctx.host_token)
+
+            current = "overlay"
+            step(current)
+            paths.dir.mkdir(parents=True, exist_ok=True)
+            undo.callback(shutil.rmtree, paths.dir, ignore_errors=True)
+            if not paths.disk.exists():
+                tmp = paths.disk.with_suffix(".tmp")
+                images.create_overlay(base, tmp, int(vm["disk_gb"]) * GIB)
+                tmp.rename(paths.disk)
+
+            current = "seed"
+            step(current)
+            build_seed_iso(paths.seed, instance_id=vm_id, hostname=vm["hostname"],
+                           user_data=vm.get("user_data") or "",
+                           network_config=network_config(vm.get("mac", "")))
+
+            current = "define"
+            step(current)
+            xml = to_xml(design(vm, ctx.host))
+            if ctx.host.network_kind == "network" and ctx.host.network_source:
+                ctx.virt.ensure_network_active(ctx.host.network_source)
+            current = "start"
+            undo.callback(ctx.virt.destroy_and_undefine, vm_id)
+            ctx.virt.define_and_start(xml)
+            undo.pop_all()
+    except BuildError:
+        raise
+    except Exception as exc:
+        log.exception("build of %s failed at %s", vm_id, current)
+        raise BuildError(current, f"{current} failed: {scrub(str(exc))}") from exc
+
+
+def delete_vm(ctx: HostContext, vm_id: str) -> None:
+    """Destroy and undefine the domain and remove its overlay, seed and log (idempotent)."""
+    ctx.virt.destroy_and_undefine(vm_id)
+    shutil.rmtree(instance_paths(ctx.host.storage_dir, vm_id).dir, ignore_errors=True)
+
+
+def console_tail(storage_dir: Path, vm_id: str, max_bytes: int) -> str:
+    path = instance_paths(storage_dir, vm_id).console
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            return fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""

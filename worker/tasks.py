@@ -1,0 +1,46 @@
+"""Celery tasks of a host: thin shells that re-check the world and call worker.build.
+
+Registered only in the `virtfleet worker` process, which consumes `host.<name>`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from fleet import contract as c
+from fleet.exceptions import BuildError
+from worker import build
+
+log = logging.getLogger(__name__)
+
+
+def register(app: Celery, ctx: build.HostContext) -> None:
+    @app.task(name=c.TASK_BUILD_VM, acks_late=True, ignore_result=True)
+    def build_vm(payload: dict[str, Any]) -> None:
+        vm_id, job_id = payload["vm"]["id"], payload["job_id"]
+        try:
+            build.build_vm(ctx, payload)
+        except BuildError as exc:
+            ctx.emit(c.EV_BUILD_FAILED, vm_id=vm_id, job_id=job_id, step=exc.step,
+                     reason=str(exc))
+            return
+        ctx.emit(c.EV_BUILD_DONE, vm_id=vm_id, job_id=job_id, state="running")
+
+    @app.task(name=c.TASK_DELETE_VM, acks_late=True, ignore_result=True)
+    def delete_vm(payload: dict[str, Any]) -> None:
+        vm_id, job_id = payload["vm_id"], payload["job_id"]
+        try:
+            build.delete_vm(ctx, vm_id)
+        except Exception as exc:  # noqa: BLE001 - reported to the control plane as an event
+            log.exception("delete of %s failed", vm_id)
+            ctx.emit(c.EV_DELETE_FAILED, vm_id=vm_id, job_id=job_id,
+                     reason=build.scrub(f"delete failed: {exc}"))
+            return
+        ctx.emit(c.EV_DELETED, vm_id=vm_id, job_id=job_id, state="deleted")
+
+    @app.task(name=c.TASK_CONSOLE_LOG, ignore_result=False, acks_late=False)
+    def console_log(vm_id: str, max_bytes: int) -> str:
+        return build.console_tail(ctx.host.storage_dir, vm_id, int(max_bytes))
