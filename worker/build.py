@@ -79,9 +79,7 @@ def build_vm(ctx: HostContext, payload: dict[str, Any]) -> None:
             paths.dir.mkdir(parents=True, exist_ok=True)
             undo.callback(shutil.rmtree, paths.dir, ignore_errors=True)
             if not paths.disk.exists():
-                tmp = paths.disk.with_suffix(".tmp")
-                images.create_overlay(base, tmp, int(vm["disk_gb"]) * GIB)
-                tmp.rename(paths.disk)
+                images.create_overlay(base, paths.disk, int(vm["disk_gb"]) * GIB)
 
             current = "seed"
             step(current)

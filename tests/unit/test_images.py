@@ -1,0 +1,108 @@
+"""qemu-img wrapper against the real qemu-img: overlays, info, growth, never shrink."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fleet.proc import ProcError, run
+from worker import images
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+
+MIB = 1024 * 1024
+
+
+def make_base(path: Path, size: int = 16 * MIB, fmt: str = "qcow2") -> Path:
+    run(["qemu-img", "create", "-f", fmt, str(path), str(size)], timeout=30)
+    return path
+
+
+def test_info_and_virtual_size(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    data = images.info(base, "qcow2")
+    assert data["format"] == "qcow2"
+    assert data["virtual-size"] == 16 * MIB
+    assert images.virtual_size(base, "qcow2") == 16 * MIB
+
+
+def test_overlay_backed_and_grown(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    overlay = tmp_path / "disk.qcow2"
+    images.create_overlay(base, overlay, 64 * MIB)
+    data = images.info(overlay, "qcow2")
+    assert data["format"] == "qcow2"
+    assert data["backing-filename"] == str(base.absolute())
+    assert data["backing-filename-format"] == "qcow2"
+    assert data["virtual-size"] == 64 * MIB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.qcow2", "disk.qcow2"]
+
+
+@pytest.mark.parametrize("requested", [None, 1 * MIB, 16 * MIB - 512])
+def test_overlay_never_smaller_than_base(tmp_path: Path, requested: int | None) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    overlay = tmp_path / "disk.qcow2"
+    images.create_overlay(base, overlay, requested)
+    assert images.virtual_size(overlay, "qcow2") == 16 * MIB
+
+
+def test_overlay_size_rounded_up_to_sector(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    overlay = tmp_path / "disk.qcow2"
+    images.create_overlay(base, overlay, 32 * MIB + 1)
+    assert images.virtual_size(overlay, "qcow2") == 32 * MIB + 512
+
+
+def test_overlay_refuses_to_overwrite(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    overlay = tmp_path / "disk.qcow2"
+    overlay.write_bytes(b"guest data")
+    with pytest.raises(FileExistsError):
+        images.create_overlay(base, overlay, None)
+    assert overlay.read_bytes() == b"guest data"
+
+
+def test_overlay_of_raw_base(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.raw", fmt="raw")
+    overlay = tmp_path / "disk.qcow2"
+    images.create_overlay(base, overlay, 20 * MIB, base_fmt="raw")
+    data = images.info(overlay, "qcow2")
+    assert data["backing-filename-format"] == "raw"
+    assert data["virtual-size"] == 20 * MIB
+
+
+def test_resize_grows_and_refuses_to_shrink(tmp_path: Path) -> None:
+    disk = make_base(tmp_path / "disk.qcow2")
+    images.resize(disk, "qcow2", 48 * MIB)
+    assert images.virtual_size(disk, "qcow2") == 48 * MIB
+    images.resize(disk, "qcow2", 48 * MIB)  # same size: no-op
+    with pytest.raises(ValueError, match="shrink"):
+        images.resize(disk, "qcow2", 16 * MIB)
+    assert images.virtual_size(disk, "qcow2") == 48 * MIB
+
+
+def test_convert(tmp_path: Path) -> None:
+    src = make_base(tmp_path / "src.raw", 8 * MIB, fmt="raw")
+    dst = tmp_path / "dst.qcow2"
+    images.convert(src, "raw", dst)
+    data = images.info(dst, "qcow2")
+    assert data["format"] == "qcow2" and data["virtual-size"] == 8 * MIB
+
+
+def test_wrong_format_is_an_error_not_a_probe(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    assert images.info(base, "raw")["format"] == "raw"  # read as named, never probed
+    with pytest.raises(ValueError):
+        images.info(base, "iso")
+
+
+def test_missing_image_raises_proc_error(tmp_path: Path) -> None:
+    with pytest.raises(ProcError) as excinfo:
+        images.info(tmp_path / "missing.qcow2", "qcow2")
+    err = excinfo.value
+    assert err.cmd == "qemu-img" and err.returncode != 0
+    assert "missing.qcow2" in err.stderr
+    assert str(err).startswith("qemu-img failed with exit code")
+    assert "--output=json" not in str(err) and "--output=json" in err.argv

@@ -1,0 +1,119 @@
+"""Disk images through qemu-img: the only module that runs ``qemu-img``.
+
+Owns: overlay creation (qcow2 backed by a cached base), image inspection, conversion
+and growth. Every call names the image format (``-f``, and ``-F`` for a backing file),
+so qemu-img never probes a format from untrusted content; paths are made absolute so
+a name can never be read as an option or a protocol prefix.
+
+Must not: download images, decide where images live, shrink a disk, or call anything
+but :func:`fleet.proc.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fleet.proc import run
+
+QEMU_IMG = "qemu-img"
+"""The qemu-img program (looked up on PATH)."""
+
+INFO_TIMEOUT = 30.0
+"""Seconds allowed for ``qemu-img info``."""
+
+CREATE_TIMEOUT = 60.0
+"""Seconds allowed for ``qemu-img create`` of an overlay."""
+
+RESIZE_TIMEOUT = 120.0
+"""Seconds allowed for ``qemu-img resize``."""
+
+CONVERT_TIMEOUT = 3600.0
+"""Seconds allowed for ``qemu-img convert`` (whole-image copies can be large)."""
+
+FORMATS = frozenset({"qcow2", "raw", "vmdk", "vdi", "vpc", "vhdx", "qed"})
+"""Image formats this module accepts by name."""
+
+SECTOR = 512
+"""qemu-img sizes must be multiples of this; requested sizes are rounded up to it."""
+
+
+def _fmt(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}")
+    return fmt
+
+
+def _abs(path: Path | str) -> str:
+    return str(Path(path).absolute())
+
+
+def _round_up(size_bytes: int) -> int:
+    if size_bytes <= 0:
+        raise ValueError("image size must be positive")
+    return -(-size_bytes // SECTOR) * SECTOR
+
+
+def info(path: Path, fmt: str) -> dict[str, Any]:
+    """Return ``qemu-img info --output=json`` for ``path`` read as ``fmt``.
+
+    Uses ``--force-share`` so an image in use by a running guest can still be read.
+    """
+    proc = run(
+        [QEMU_IMG, "info", "--output=json", "--force-share", "-f", _fmt(fmt), _abs(path)],
+        timeout=INFO_TIMEOUT,
+    )
+    return json.loads(proc.stdout)
+
+
+def virtual_size(path: Path, fmt: str) -> int:
+    """Return the guest-visible size of ``path`` in bytes."""
+    return int(info(path, fmt)["virtual-size"])
+
+
+def create_overlay(
+    base: Path, overlay: Path, size_bytes: int | None, *, base_fmt: str = "qcow2"
+) -> None:
+    """Create a qcow2 ``overlay`` backed by ``base``, at least as large as the base.
+
+    A requested size smaller than the base's virtual size is raised to it (never
+    shrink). Refuses to overwrite an existing overlay (``FileExistsError``): a retried
+    build must not wipe a guest's disk. The overlay appears atomically (written under
+    a temporary name in the same directory, then renamed).
+    """
+    overlay = Path(overlay)
+    if overlay.exists():
+        raise FileExistsError(f"overlay already exists: {overlay.name}")
+    tmp = overlay.with_name(f".{overlay.name}.tmp")
+    argv = [QEMU_IMG, "create", "-f", "qcow2", "-b", _abs(base), "-F", _fmt(base_fmt), _abs(tmp)]
+    if size_bytes is not None:
+        argv.append(str(_round_up(max(size_bytes, virtual_size(base, base_fmt)))))
+    tmp.unlink(missing_ok=True)
+    try:
+        run(argv, timeout=CREATE_TIMEOUT)
+        os.replace(tmp, overlay)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2") -> None:
+    """Copy ``src`` (read as ``src_fmt``) into a new image ``dst`` of ``dst_fmt``."""
+    run(
+        [QEMU_IMG, "convert", "-f", _fmt(src_fmt), "-O", _fmt(dst_fmt), _abs(src), _abs(dst)],
+        timeout=CONVERT_TIMEOUT,
+    )
+
+
+def resize(path: Path, fmt: str, size_bytes: int) -> None:
+    """Grow ``path`` to ``size_bytes`` (rounded up to 512). Raises ``ValueError`` on shrink."""
+    size = _round_up(size_bytes)
+    current = virtual_size(path, fmt)
+    if size < current:
+        raise ValueError(f"refusing to shrink disk from {current} to {size} bytes")
+    if size == current:
+        return
+    run([QEMU_IMG, "resize", "-f", _fmt(fmt), _abs(path), str(size)], timeout=RESIZE_TIMEOUT)
