@@ -19,7 +19,18 @@ start_redis() {
   echo "Redis did not start" >&2; return 1
 }
 
+fix_kvm_node() {
+  # Without udev (containers, no systemd) /dev/kvm stays root-only. libvirtd then finds KVM
+  # "enabled when probing but not available now" and re-probes QEMU on every define (30 s).
+  # Give it the owner and mode Debian's udev rule gives it.
+  if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+    [ "$(stat -c %G /dev/kvm)" = kvm ] || chgrp kvm /dev/kvm || true
+    chmod 0660 /dev/kvm 2>/dev/null || true
+  fi
+}
+
 start_libvirt() {
+  fix_kvm_node
   if have_systemd; then
     libvirt_up || systemctl start virtlogd libvirtd
   else
@@ -28,6 +39,8 @@ start_libvirt() {
   fi
   for _ in $(seq 100); do libvirt_up && break; sleep 0.1; done
   libvirt_up || { echo "libvirtd did not start" >&2; return 1; }
+  # The first use makes libvirtd probe QEMU (tens of seconds here): do it now, not mid-build.
+  timeout 300 virsh -c qemu:///system domcapabilities --virttype qemu >/dev/null 2>&1 || true
   if virsh -c qemu:///system net-info default >/dev/null 2>&1; then
     virsh -c qemu:///system net-info default | grep -q 'Active:.*yes' \
       || virsh -c qemu:///system net-start default >/dev/null \

@@ -12,6 +12,7 @@ a VM should be; callers pass finished XML and UUIDs.
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -125,6 +126,9 @@ class Virt:
                 with suppress(libvirt.libvirtError):
                     self._conn.close()
                 self._conn = None
+            # The event loop must exist before any connection opens: a connection opened
+            # earlier never gets keepalive and can hang forever on a stuck daemon.
+            _ensure_event_loop()
             with _errors(f"cannot connect to {self.uri}"):
                 self._conn = libvirt.open(self.uri)
             return self._conn
@@ -161,11 +165,11 @@ class Virt:
         with _errors("host capacity"):
             model, memory_mb, cpus = conn.getInfo()[:3]
             hostname = conn.getHostname()
-            arch = ET.fromstring(conn.getCapabilities()).findtext("host/cpu/arch")
+        # Not getCapabilities(): libvirtd re-probes every QEMU binary for it (30 s here).
         return {
             "vcpus": int(cpus),
             "memory_mb": int(memory_mb),
-            "arch": arch or model,
+            "arch": platform.machine() if self.uri.startswith("qemu") else model,
             "hostname": hostname,
         }
 
