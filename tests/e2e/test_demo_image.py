@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pycdlib
 import pytest
 
 from demo.image import build_demo_image, default_cache_dir, default_image_path
@@ -30,7 +31,6 @@ MARKER = "demo-marker-42"
 
 
 def _make_seed_iso(path: Path) -> None:
-    pycdlib = pytest.importorskip("pycdlib")
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     files = {

@@ -1,0 +1,1 @@
+"""Benchmarks and the throwaway-cluster harness the end-to-end tests share."""
