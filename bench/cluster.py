@@ -26,6 +26,9 @@ from fleet.config import load_settings
 from fleet.store.migrate import upgrade
 from fleet.store.session import Store
 
+OWNER_KEY = "virtfleet:test-cluster-owner"
+"""Marks a Redis database as taken by one running test cluster."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -84,7 +87,7 @@ class Cluster:
 
     workers: dict[str, dict[str, str]] = field(default_factory=lambda: {"local": {}})
     env: dict[str, str] = field(default_factory=dict)
-    redis_db: int = 9
+    redis_db: int = 0
     keep: bool = False
     root: Path = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
@@ -92,6 +95,7 @@ class Cluster:
     settings_env: dict[str, str] = field(init=False)
 
     def __enter__(self) -> Cluster:
+        self.redis_db = self._claim_redis_db()
         self.root = Path(tempfile.mkdtemp(prefix="vf-cluster-"))
         os.chmod(self.root, 0o755)  # libvirt-qemu must reach instance files below it
         port = free_port()
@@ -126,9 +130,33 @@ class Cluster:
             raise
         return self
 
+    @staticmethod
+    def _claim_redis_db() -> int:
+        """A Redis database of our own (1-15), so clusters running side by side never share
+        queues; marked with an expiring owner key and flushed before use and after."""
+        import redis
+        for db in range(1, 16):
+            r = redis.Redis.from_url(redis_db_url(db))
+            if r.set(OWNER_KEY, str(os.getpid()), nx=True, ex=4 * 3600):
+                r.close()
+                return db
+            r.close()
+        raise RuntimeError("no free Redis database for a test cluster (all 15 are in use)")
+
     def _flush_redis(self) -> None:
         import redis
-        redis.Redis.from_url(redis_db_url(self.redis_db)).flushdb()
+        r = redis.Redis.from_url(redis_db_url(self.redis_db))
+        for key in r.scan_iter():
+            if key != OWNER_KEY.encode():
+                r.delete(key)
+        r.close()
+
+    def _release_redis(self) -> None:
+        import redis
+        if self.redis_db:
+            r = redis.Redis.from_url(redis_db_url(self.redis_db))
+            r.flushdb()
+            r.close()
 
     def log_path(self, name: str) -> Path:
         return self.root / f"{name}.log"
@@ -212,6 +240,7 @@ class Cluster:
             for name in list(self.procs):
                 self.stop(name)
             self._remove_leftover_domains()
+            self._release_redis()
             if not self.keep:
                 shutil.rmtree(self.root, ignore_errors=True)
 
