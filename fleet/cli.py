@@ -112,6 +112,26 @@ def worker(ctx: click.Context) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks (each starts its own throwaway cluster)."""
+
+
+@bench.command("submit")
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
+@click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
+def bench_submit(runs: int, warmup: int, as_json: bool, strict: bool) -> None:
+    """Time API submit -> running domain against a bare virsh define + start."""
+    from bench.submit import main as run_bench
+    sys.exit(run_bench(runs=runs, warmup=warmup, as_json=as_json, strict=strict))
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _secret_file(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
@@ -146,6 +166,8 @@ def up(ctx: click.Context, demo_image: bool) -> None:
             fh.write(token + "\n")
     token = token_file.read_text().strip()
     exe = [sys.executable, "-m", "fleet.cli"]
+    # SIGTERM (systemd stop, `timeout`, CI) must stop the children just as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     procs = [subprocess.Popen([*exe, part], env=env)  # noqa: S603 - our own argv
              for part in ("web", "scheduler", "worker")]
     try:
