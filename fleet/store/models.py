@@ -41,6 +41,11 @@ class Project(Base):
     __tablename__ = "projects"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
+    # Quotas; None means unlimited. Checked in the same transaction as the claim.
+    max_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_vcpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_disk_gb: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -79,6 +84,7 @@ class Host(Base):
     cpu_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
     ram_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
     disk_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_vms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     generation: Mapped[int] = mapped_column(Integer, default=0)
     alive: Mapped[bool] = mapped_column(Boolean, default=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -105,6 +111,17 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ServerGroup(Base):
+    __tablename__ = "server_groups"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    policy: Mapped[str] = mapped_column(String(16))  # affinity | anti-affinity
+    hard: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class VM(Base):
     __tablename__ = "vms"
     __table_args__ = (UniqueConstraint("project_id", "name"),)
@@ -121,6 +138,9 @@ class VM(Base):
     failed_step: Mapped[str] = mapped_column(String(32), default="")
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
     alternates: Mapped[list[Any]] = mapped_column(default=list)
+    constraints: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    server_group_id: Mapped[str | None] = mapped_column(ForeignKey("server_groups.id"),
+                                                        nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     mac: Mapped[str] = mapped_column(String(17), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
