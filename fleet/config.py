@@ -52,6 +52,8 @@ class Settings:
     cpu_allocation_ratio: float = 4.0
     ram_allocation_ratio: float = 1.0
     disk_allocation_ratio: float = 1.0
+    placement_policy: str = "spread"
+    host_subset_size: int = 1
     task_time_limit: int = 3600
     worker_concurrency: int = 4
     host_token: str = ""
@@ -95,6 +97,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("setting 'virt_type' must be auto, kvm or qemu")
     if not HOST_NAME_RE.match(s.host_name):
         raise ConfigError("setting 'host_name' must match ^[a-z0-9][a-z0-9-]{0,62}$")
+    if s.placement_policy not in ("spread", "pack"):
+        raise ConfigError("setting 'placement_policy' must be spread or pack")
     if ":" not in s.network or s.network_kind not in ("network", "bridge", "none"):
         raise ConfigError("setting 'network' must be network:<name>, bridge:<name> or none:")
     if not s.redis_url.startswith(("redis://", "rediss://", "sentinel://")):
@@ -107,7 +111,8 @@ def _check(s: Settings) -> None:
                  "disk_allocation_ratio"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting '{name}' must be greater than zero")
-    for name in ("missed_heartbeats", "task_time_limit", "worker_concurrency", "max_image_bytes"):
+    for name in ("missed_heartbeats", "host_subset_size", "task_time_limit",
+                 "worker_concurrency", "max_image_bytes"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
 

@@ -6,19 +6,24 @@ so a VM row and its claim are written together or not at all.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
-from fleet.store.models import VM, Claim, Host
-from scheduler.placement import HostSnapshot, Request, rank
+from fleet.store.models import VM, Claim, Host, ServerGroup
+from scheduler.placement import HostSnapshot, Request, default_weighers, rank
 
 MAX_ALTERNATES = 2
 """Hosts kept beside the chosen one for a rebuild after a failed build."""
 
+CLAIM_ROUNDS = 10
+"""Times placement re-reads the hosts after every candidate was lost to concurrent claims.
+Each lost compare-and-set means another claim went through, so a few rounds suffice."""
 
-def snapshot(host: Host, settings: Settings) -> HostSnapshot:
+
+def snapshot(host: Host, settings: Settings, vm_count: int = 0, builds: int = 0
+             ) -> HostSnapshot:
     return HostSnapshot(
         id=host.id, name=host.name, generation=host.generation, alive=host.alive,
         enabled=host.enabled, maintenance=host.maintenance, arch=host.arch,
@@ -28,7 +33,47 @@ def snapshot(host: Host, settings: Settings) -> HostSnapshot:
         cpu_ratio=host.cpu_ratio or settings.cpu_allocation_ratio,
         ram_ratio=host.ram_ratio or settings.ram_allocation_ratio,
         disk_ratio=host.disk_ratio or settings.disk_allocation_ratio,
-        labels=dict(host.labels or {}), cached_images=frozenset(host.cached_images or ()))
+        labels=dict(host.labels or {}), cached_images=frozenset(host.cached_images or ()),
+        max_vms=host.max_vms, vm_count=vm_count, builds=builds)
+
+
+def load_snapshots(session: Session, settings: Settings,
+                   only: frozenset[str] | None = None) -> list[HostSnapshot]:
+    """Every host (or those in `only`) as it is now, with its VM and build counts."""
+    query = select(Host) if only is None else select(Host).where(Host.name.in_(only))
+    # populate_existing: a retry must see the hosts as they are now, not the session's copies.
+    hosts = session.scalars(query.execution_options(populate_existing=True)).all()
+    counts = {hid: (n, b) for hid, n, b in session.execute(
+        select(VM.host_id, func.count(VM.id),
+               func.coalesce(func.sum(case((VM.state == "building", 1), else_=0)), 0))
+        .where(VM.host_id.is_not(None)).group_by(VM.host_id))}
+    return [snapshot(h, settings, *counts.get(h.id, (0, 0))) for h in hosts]
+
+
+def group_hosts(session: Session, group_id: str | None,
+                exclude_vm: str | None = None) -> dict[str, int]:
+    """Hosts holding members of a server group, with how many members each."""
+    if group_id is None:
+        return {}
+    query = (select(Host.name, func.count(VM.id)).join(VM, VM.host_id == Host.id)
+             .where(VM.server_group_id == group_id).group_by(Host.name))
+    if exclude_vm is not None:
+        query = query.where(VM.id != exclude_vm)
+    return {name: int(n) for name, n in session.execute(query)}
+
+
+def request_for(session: Session, vm: VM, image_sha256: str = "") -> Request:
+    """The placement request of a VM row: its size, labels and server group. Locks the
+    group's row first, so members of one group are placed one at a time."""
+    group = None
+    if vm.server_group_id is not None:
+        group = session.scalars(select(ServerGroup).where(ServerGroup.id == vm.server_group_id)
+                                .with_for_update()).one()
+    return Request(vcpus=vm.vcpus, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb,
+                   image_sha256=image_sha256, constraints=dict(vm.constraints or {}),
+                   group_policy=group.policy if group else None,
+                   group_hard=group.hard if group else True,
+                   group_hosts=group_hosts(session, vm.server_group_id, exclude_vm=vm.id))
 
 
 def try_claim(session: Session, host: HostSnapshot, vm_id: str, req: Request) -> bool:
@@ -56,20 +101,21 @@ def place_and_claim(session: Session, vm: VM, req: Request, settings: Settings,
     `only` limits the candidates (a reschedule onto alternates). Sets the VM's host and
     alternates. Raises NoValidHost with per-filter counts.
     """
-    query = select(Host) if only is None else select(Host).where(Host.name.in_(only))
-    hosts = session.scalars(query).all()
-    ranking = rank([snapshot(h, settings) for h in hosts], req)
-    if not ranking.hosts:
-        raise NoValidHost(_no_host_message(len(hosts), ranking.removed),
-                          {"filters": ranking.removed, "hosts": len(hosts)})
-    for i, cand in enumerate(ranking.hosts):
-        if try_claim(session, cand, vm.id, req):
-            chosen = session.get(Host, cand.id)
-            assert chosen is not None
-            session.refresh(chosen)
-            vm.host_id = chosen.id
-            vm.alternates = [h.name for h in ranking.hosts[i + 1:i + 1 + MAX_ALTERNATES]]
-            return chosen
+    weighers = default_weighers(settings.placement_policy)
+    for _ in range(CLAIM_ROUNDS):
+        hosts = load_snapshots(session, settings, only)
+        ranking = rank(hosts, req, weighers=weighers, top_random=settings.host_subset_size)
+        if not ranking.hosts:
+            raise NoValidHost(_no_host_message(len(hosts), ranking.removed),
+                              {"filters": ranking.removed, "hosts": len(hosts)})
+        for i, cand in enumerate(ranking.hosts):
+            if try_claim(session, cand, vm.id, req):
+                chosen = session.get(Host, cand.id)
+                assert chosen is not None
+                session.refresh(chosen)
+                vm.host_id = chosen.id
+                vm.alternates = [h.name for h in ranking.hosts[i + 1:i + 1 + MAX_ALTERNATES]]
+                return chosen
     raise NoValidHost("every candidate host was taken by concurrent requests; try again",
                       {"filters": ranking.removed, "hosts": len(hosts)})
 
@@ -79,6 +125,13 @@ def release(session: Session, vm_id: str) -> bool:
     claim = session.scalars(select(Claim).where(Claim.vm_id == vm_id)).first()
     if claim is None:
         return False
+    # Delete first and count: of two concurrent releases only the one that deleted the row
+    # gives the capacity back (the other waits on the row lock, then deletes nothing).
+    gone = session.execute(delete(Claim).where(Claim.id == claim.id)
+                           .execution_options(synchronize_session=False))
+    session.expunge(claim)
+    if gone.rowcount != 1:
+        return False
     session.execute(
         update(Host).where(Host.id == claim.host_id)
         .values(used_vcpus=Host.used_vcpus - claim.vcpus,
@@ -86,7 +139,6 @@ def release(session: Session, vm_id: str) -> bool:
                 used_disk_gb=Host.used_disk_gb - claim.disk_gb,
                 generation=Host.generation + 1)
         .execution_options(synchronize_session=False))
-    session.execute(delete(Claim).where(Claim.id == claim.id))
     return True
 
 

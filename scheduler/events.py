@@ -20,7 +20,6 @@ from fleet.config import Settings
 from fleet.exceptions import NoValidHost
 from fleet.store.models import VM, Event, Host, Image, Job, utcnow
 from scheduler import claims
-from scheduler.placement import Request
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +94,15 @@ def on_heartbeat(session: Session, event: dict[str, Any], settings: Settings) ->
         host = Host(name=event["host"], labels={}, cached_images=[])
         session.add(host)
     was_down = host.id is not None and not host.alive
+    before = (host.arch, host.vcpus, host.memory_mb, host.disk_gb)
     host.arch = d.get("arch", host.arch)
     host.virt_type = d.get("virt_type", host.virt_type)
     host.vcpus = int(d.get("vcpus", host.vcpus))
     host.memory_mb = int(d.get("memory_mb", host.memory_mb))
     host.disk_gb = int(d.get("disk_gb", host.disk_gb))
+    if host.id is not None and (host.arch, host.vcpus, host.memory_mb, host.disk_gb) != before:
+        # Capacity changed: a claim computed against the old totals must lose its CAS.
+        host.generation = Host.generation + 1
     host.load = float(d.get("load", 0.0))
     host.cached_images = list(d.get("cached_images", []))
     host.last_heartbeat = utcnow()
@@ -142,8 +145,7 @@ def on_build_failed(session: Session, event: dict[str, Any],
     claims.release(session, vm.id)
     alternates = [a for a in (vm.alternates or []) if a != failed_on]
     if vm.attempts + 1 < MAX_ATTEMPTS and alternates:
-        req = Request(vcpus=vm.vcpus, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb,
-                      image_sha256=vm.image.sha256)
+        req = claims.request_for(session, vm, vm.image.sha256)
         try:
             host = claims.place_and_claim(session, vm, req, settings, only=frozenset(alternates))
         except NoValidHost:

@@ -18,12 +18,13 @@ from sqlalchemy.orm import Session
 from fleet import contract as c
 from fleet.bus import Bus
 from fleet.config import Settings
-from fleet.exceptions import Conflict, NotFound, VirtfleetError
+from fleet.contract import NAME_RE
+from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
 from fleet.store.models import VM, Event, Job
 from fleet.store.session import Store
-from scheduler import claims
+from scheduler import claims, quotas
 from scheduler.events import build_payload, record
-from scheduler.placement import Request
+from web.api.groups import find_group
 from web.api.images import find_image
 from web.auth import Principal
 
@@ -69,8 +70,8 @@ def steps(session: Session, vm_id: str) -> list[dict[str, Any]]:
 
 @dataclass
 class Accepted:
-    vm: VM
-    job: Job
+    vms: list[VM]
+    jobs: list[Job]
 
 
 def _publish(bus: Bus | None, ev: Event) -> None:
@@ -84,43 +85,67 @@ def _publish(bus: Bus | None, ev: Event) -> None:
         log.warning("could not publish event %s", ev.id)
 
 
-def create_vm(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
-              who: Principal, data: dict[str, Any]) -> Accepted:
+def vm_names(name: str, count: int) -> list[str]:
+    if count == 1:
+        return [name]
+    names = [f"{name}-{i}" for i in range(1, count + 1)]
+    if not NAME_RE.match(names[-1]):
+        raise BadRequest(f"'{names[-1]}' would be too long: shorten the name for count={count}")
+    return names
+
+
+def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
+               who: Principal, data: dict[str, Any]) -> Accepted:
+    """Place and claim `count` VMs, all or nothing, then send their builds."""
+    names = vm_names(data["name"], data.get("count", 1))
     with store.session() as s:
         image = find_image(s, data["image"], who)
-        if s.scalars(select(VM).where(VM.project_id == who.project_id,
-                                      VM.name == data["name"])).first():
-            raise Conflict(f"a VM named '{data['name']}' already exists in this project")
-        vm = VM(name=data["name"], project_id=who.project_id, image_id=image.id,
-                vcpus=data["vcpus"], memory_mb=data["memory_mb"], disk_gb=data["disk_gb"],
-                user_data=data["user_data"], state="pending", mac=random_mac())
-        s.add(vm)
-        s.flush()
-        req = Request(vcpus=vm.vcpus, memory_mb=vm.memory_mb, disk_gb=vm.disk_gb,
-                      image_sha256=image.sha256)
-        host = claims.place_and_claim(s, vm, req, settings)
-        vm.state = "building"
-        job = Job(vm_id=vm.id, project_id=who.project_id, kind="build", host_name=host.name)
-        s.add(job)
-        s.flush()
-        ev = record(s, c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id, job_id=job.id,
-                                    state="building"), who.project_id)
-        s.flush()
-        s.refresh(vm)
-        payload = build_payload(vm, image, job.id, settings)
-        host_name = host.name
+        group = find_group(s, data["server_group"], who) if data.get("server_group") else None
+        taken = s.scalars(select(VM.name).where(VM.project_id == who.project_id,
+                                                VM.name.in_(names))).all()
+        if taken:
+            raise Conflict(f"a VM named '{taken[0]}' already exists in this project")
+        quotas.check(s, who.project_id, vcpus=data["vcpus"], memory_mb=data["memory_mb"],
+                     disk_gb=data["disk_gb"], count=len(names))
+        vms, jobs, events, sends = [], [], [], []
+        for name in names:
+            vm = VM(name=name, project_id=who.project_id, image_id=image.id,
+                    vcpus=data["vcpus"], memory_mb=data["memory_mb"], disk_gb=data["disk_gb"],
+                    user_data=data["user_data"], state="pending", mac=random_mac(),
+                    constraints=dict(data.get("constraints") or {}),
+                    server_group_id=group.id if group else None)
+            s.add(vm)
+            s.flush()
+            host = claims.place_and_claim(s, vm, claims.request_for(s, vm, image.sha256),
+                                          settings)
+            vm.state = "building"
+            job = Job(vm_id=vm.id, project_id=who.project_id, kind="build",
+                      host_name=host.name)
+            s.add(job)
+            s.flush()
+            events.append(record(s, c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id,
+                                                 job_id=job.id, state="building"),
+                                 who.project_id))
+            s.flush()
+            s.refresh(vm)
+            sends.append((host.name, build_payload(vm, image, job.id, settings)))
+            vms.append(vm)
+            jobs.append(job)
     try:
-        dispatcher.build(host_name, payload)
+        for host_name, payload in sends:
+            dispatcher.build(host_name, payload)
     except Exception:
-        log.exception("could not send the build of %s", vm.id)
+        log.exception("could not send builds")
         with store.session() as s:
-            claims.release(s, vm.id)
-            for row in (s.get(Job, job.id), s.get(VM, vm.id)):
-                if row is not None:
-                    s.delete(row)
+            for vm, job in zip(vms, jobs, strict=True):
+                claims.release(s, vm.id)
+                for row in (s.get(Job, job.id), s.get(VM, vm.id)):
+                    if row is not None:
+                        s.delete(row)
         raise Unavailable("the message broker is not reachable; nothing was created") from None
-    _publish(bus, ev)
-    return Accepted(vm, job)
+    for ev in events:
+        _publish(bus, ev)
+    return Accepted(vms, jobs)
 
 
 def delete_vm(store: Store, dispatcher: Any, bus: Bus | None, who: Principal,
@@ -163,3 +188,47 @@ def delete_vm(store: Store, dispatcher: Any, bus: Bus | None, who: Principal,
             from None
     _publish(bus, ev)
     return job
+
+
+def evacuate(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
+             host_name: str) -> dict[str, Any]:
+    """Disable a host and move off what can move by rebuilding it elsewhere.
+
+    A VM that has never finished building (or failed) has nothing to lose: it is placed
+    again on another host and rebuilt. A VM whose disk lives only on this host (it ran
+    there) cannot move without losing that disk: it is listed, never destroyed.
+    """
+    from web.api.hosts import get_host
+    moved: list[dict[str, Any]] = []
+    not_moved: list[dict[str, Any]] = []
+    sends: list[tuple[str, dict[str, Any]]] = []
+    with store.session() as s:
+        host = get_host(s, host_name)
+        host.enabled = False
+        host.generation = host.generation + 1
+        for vm in s.scalars(select(VM).where(VM.host_id == host.id).order_by(VM.name)):
+            if vm.state not in ("pending", "building", "error"):
+                not_moved.append({"id": vm.id, "name": vm.name, "state": vm.state,
+                                  "reason": "its disk is local to the host"})
+                continue
+            claims.release(s, vm.id)
+            vm.host_id = None
+            try:
+                new = claims.place_and_claim(s, vm, claims.request_for(s, vm, vm.image.sha256),
+                                             settings)
+            except Conflict as exc:
+                vm.state, vm.state_reason = "error", f"evacuation found no host: {exc}"
+                not_moved.append({"id": vm.id, "name": vm.name, "state": vm.state,
+                                  "reason": str(exc)})
+                continue
+            vm.state, vm.state_reason, vm.failed_step = "building", "", ""
+            job = Job(vm_id=vm.id, project_id=vm.project_id, kind="build", host_name=new.name)
+            s.add(job)
+            s.flush()
+            record(s, c.make_event(c.EV_STATE, host=new.name, vm_id=vm.id, job_id=job.id,
+                                   state="building", evacuated_from=host_name), vm.project_id)
+            sends.append((new.name, build_payload(vm, vm.image, job.id, settings)))
+            moved.append({"id": vm.id, "name": vm.name, "to": new.name})
+    for target, payload in sends:
+        dispatcher.build(target, payload)
+    return {"host": host_name, "moved": moved, "not_moved": not_moved}

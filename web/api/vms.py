@@ -17,7 +17,7 @@ from web.api.schemas import (
     VMSchema,
 )
 from web.auth import current, login_required
-from web.vmops import create_vm, delete_vm, get_vm, list_vms, steps
+from web.vmops import create_vms, delete_vm, get_vm, list_vms, steps
 
 blp = Blueprint("vms", __name__, description="Virtual machines")
 
@@ -50,13 +50,15 @@ class VMs(MethodView):
     @blp.response(202, VMAcceptedSchema)
     @blp.alt_response(409, description="no host can take it, or the name is taken")
     def post(self, data):  # type: ignore[no-untyped-def]
-        """Create a VM: placed and claimed now, built on its host asynchronously."""
+        """Create VMs: placed and claimed now (all or nothing), built on their hosts
+        asynchronously. With `count` > 1 the VMs are named <name>-1..<name>-N."""
         store, settings, dispatcher, bus = _ctx()
-        accepted = create_vm(store, settings, dispatcher, bus, current(), data)
+        accepted = create_vms(store, settings, dispatcher, bus, current(), data)
         with store.sessions() as s:
-            vm = get_vm(s, accepted.vm.id, current())
-            _ = vm.host, vm.project
-            return {"vm": vm, "job": accepted.job}
+            vms = [get_vm(s, vm.id, current()) for vm in accepted.vms]
+            for vm in vms:
+                _ = vm.host, vm.project
+            return {"vm": vms[0], "job": accepted.jobs[0], "vms": vms, "jobs": accepted.jobs}
 
 
 @blp.route("/vms/<vm_id>")
