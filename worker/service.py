@@ -52,10 +52,11 @@ def run(settings: Settings) -> None:
     stop = threading.Event()
 
     def beat() -> None:
-        hb_virt = Virt(settings.libvirt_uri)
         while True:
             try:
-                emit(c.EV_HEARTBEAT, **heartbeat_data(hb_virt, host))
+                # The build's own connection: a test:///file driver keeps its domains per
+                # connection, so only this one sees what the builds defined.
+                emit(c.EV_HEARTBEAT, **heartbeat_data(virt, host))
             except Exception:  # noqa: BLE001 - a missed beat is visible upstream; keep beating
                 log.exception("heartbeat failed")
             if stop.wait(settings.heartbeat_interval):
