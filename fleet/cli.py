@@ -128,6 +128,18 @@ def bench_submit(runs: int, warmup: int, as_json: bool, strict: bool) -> None:
     sys.exit(run_bench(runs=runs, warmup=warmup, as_json=as_json, strict=strict))
 
 
+@bench.command("burst")
+@click.option("--requests", "requests_total", default=200, show_default=True)
+@click.option("--room", default=150, show_default=True, help="VMs the hosts have room for")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
+def bench_burst(requests_total: int, room: int, as_json: bool, strict: bool) -> None:
+    """Concurrent creates through two API processes against a fixed room."""
+    from bench.burst import main as run_burst
+    figures = run_burst(requests_total, room, as_json)
+    sys.exit(1 if strict and not figures["pass"] else 0)
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 

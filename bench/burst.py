@@ -1,0 +1,157 @@
+"""Burst benchmark: N concurrent create requests through two API processes against room for
+exactly R VMs. Prints how many were accepted and refused, the slowest answer, and whether
+any host's used capacity ever went above its capacity while a sampler watched the store.
+
+Simulated hosts: `virtfleet worker` processes on libvirt's test:/// driver, each with its own
+capacity; the web, scheduler and workers are real processes over real Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import select
+
+from bench.cluster import Api, Cluster, free_port
+from demo.image import build_demo_image, default_image_path
+from fleet.config import load_settings
+from fleet.store.models import Claim, Host
+from fleet.store.session import Store
+
+NODE_XML = """<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><active>{cpus}</active>
+    <nodes>1</nodes><sockets>1</sockets><cores>{cpus}</cores><threads>1</threads></cpu>
+  <memory>{kib}</memory>
+</node>
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def run(requests_total: int = 200, room: int = 150, hosts: int = 3) -> dict[str, Any]:
+    if room % hosts:
+        raise ValueError("room must divide evenly among hosts")
+    per_host = room // hosts
+    tmp = Path(tempfile.mkdtemp(prefix="vf-burst-"))
+    workers = {}
+    for i in range(hosts):
+        node = tmp / f"b{i}.xml"
+        node.write_text(NODE_XML.format(cpus=per_host, kib=64 * 1024 * 1024))
+        workers[f"b{i}"] = {"VIRTFLEET_LIBVIRT_URI": f"test://{node}",
+                            "VIRTFLEET_NETWORK": "none:"}
+    env = {"VIRTFLEET_CPU_ALLOCATION_RATIO": "1.0", "VIRTFLEET_LOG_LEVEL": "WARNING",
+           "VIRTFLEET_HEARTBEAT_INTERVAL": "5"}
+    with Cluster(workers=workers, env=env) as c:
+        c.register_image("demo", build_demo_image(default_image_path()))
+        port2 = free_port()
+        c.start("web2", ["web"], {"VIRTFLEET_WEB_BIND": f"127.0.0.1:{port2}"})
+        api2 = Api(f"http://127.0.0.1:{port2}", c.api.token)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api2.get("/hosts", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+        store = Store(load_settings(env=c.settings_env).db_url)
+        over: list[str] = []
+        samples = 0
+        stop = threading.Event()
+
+        def sampler() -> None:
+            nonlocal samples
+            while not stop.is_set():
+                with store.sessions() as s:
+                    for h in s.scalars(select(Host)):
+                        if h.used_vcpus > h.vcpus or h.used_memory_mb > h.memory_mb:
+                            over.append(f"{h.name}: {h.used_vcpus}/{h.vcpus} vcpus")
+                samples += 1
+                time.sleep(0.005)
+
+        apis = [c.api, api2]
+        messages: dict[str, int] = {}
+        barrier = threading.Barrier(requests_total)
+
+        def one(i: int) -> tuple[int, float]:
+            api = apis[i % 2]
+            body = {"name": f"burst-{i}", "image": "demo", "vcpus": 1, "memory_mb": 64}
+            sess = requests.Session()
+            sess.headers["Authorization"] = f"Bearer {api.token}"
+            barrier.wait()
+            t0 = time.perf_counter()
+            r = sess.post(api.base + "/api/v1/vms", json=body, timeout=30)
+            took = time.perf_counter() - t0
+            if r.status_code != 202:
+                messages[r.json().get("message", r.text)[:200]] = r.status_code
+            return r.status_code, took
+
+        watcher = threading.Thread(target=sampler, daemon=True)
+        watcher.start()
+        t_start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=requests_total) as pool:
+            results = list(pool.map(one, range(requests_total)))
+        wall = time.perf_counter() - t_start
+        time.sleep(0.2)
+        stop.set()
+        watcher.join()
+        with store.sessions() as s:
+            claims = len(s.scalars(select(Claim)).all())
+            used = {h.name: (h.used_vcpus, h.vcpus) for h in s.scalars(select(Host))}
+        store.dispose()
+        codes: dict[int, int] = {}
+        for code, _ in results:
+            codes[code] = codes.get(code, 0) + 1
+        lat = [t for _, t in results]
+        figures = {
+            "requests": requests_total, "room": room, "api_processes": 2,
+            "accepted_202": codes.get(202, 0), "refused_409": codes.get(409, 0),
+            "other": {k: v for k, v in codes.items() if k not in (202, 409)},
+            "claims_in_store": claims, "used_vcpus_per_host": used,
+            "capacity_exceeded_samples": len(over), "samples": samples,
+            "latency_p50_s": round(statistics.median(lat), 3),
+            "latency_p95_s": round(percentile(lat, 95), 3),
+            "latency_max_s": round(max(lat), 3), "wall_s": round(wall, 3),
+            "refusal_messages": sorted(messages),
+        }
+        figures["pass"] = (figures["accepted_202"] == room
+                           and figures["refused_409"] == requests_total - room
+                           and claims == room and not over and max(lat) <= 2.0)
+        return figures
+
+
+def main(requests_total: int = 200, room: int = 150, as_json: bool = False) -> dict[str, Any]:
+    f = run(requests_total, room)
+    if as_json:
+        print(json.dumps(f, indent=2))
+    else:
+        print(f"burst: {f['requests']} concurrent creates over {f['api_processes']} API "
+              f"processes, room for {f['room']}")
+        print(f"  accepted (202): {f['accepted_202']}   refused (409): {f['refused_409']}   "
+              f"other: {f['other'] or 'none'}")
+        print(f"  claims in store: {f['claims_in_store']}   used vCPUs per host: "
+              f"{f['used_vcpus_per_host']}")
+        print(f"  capacity exceeded in {f['capacity_exceeded_samples']} of {f['samples']} "
+              "store samples taken during the burst")
+        print(f"  answer time: p50 {f['latency_p50_s']} s, p95 {f['latency_p95_s']} s, "
+              f"max {f['latency_max_s']} s (target: every answer within 2 s); "
+              f"wall {f['wall_s']} s")
+        for msg in f["refusal_messages"]:
+            print(f"  refused with: {msg}")
+        print(f"  {'PASS' if f['pass'] else 'FAIL'}")
+    return f
