@@ -16,7 +16,7 @@ apt_packages=(
   redis-server
   busybox-static syslinux syslinux-common mtools fdisk dosfstools cpio kmod xz-utils zstd
 )
-test_packages=(chromium chromium-driver)
+test_packages=(chromium chromium-driver postgresql)
 
 install_system() {
   local want=("${apt_packages[@]}")
@@ -51,13 +51,15 @@ install_python() {
 install_system
 install_python
 export PATH="$here/.venv/bin:$PATH"
-scripts/services.sh start
 
 case "$cmd" in
   up)
+    scripts/services.sh start
     exec .venv/bin/virtfleet up "$@"
     ;;
   test)
+    scripts/services.sh start-test
+    export VIRTFLEET_TEST_PG_URL=postgresql+psycopg://postgres@127.0.0.1:55432/virtfleet_test
     set +e
     .venv/bin/ruff check .
     lint=$?

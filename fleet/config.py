@@ -25,7 +25,7 @@ CONFIG_ENV = "VIRTFLEET_CONFIG"
 
 DEFAULT_CONFIG_FILE = Path("/etc/virtfleet/virtfleet.toml")
 
-HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: `$` allows a final newline
 
 
 def _default_host_name() -> str:

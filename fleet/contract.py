@@ -25,8 +25,9 @@ TASK_CONSOLE_LOG = "virtfleet.worker.console_log"
 TASK_EVENT = "virtfleet.scheduler.event"
 """An event from a host (or the control plane) for the scheduler to apply; payload: Event."""
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-"""Allow-list for every name a user gives (VMs, images, hosts, projects)."""
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+"""Allow-list for every name a user gives (VMs, images, hosts, projects). It ends in the
+end-of-string anchor, not `$`, which also matches before a trailing newline."""
 
 # Event types. One vocabulary everywhere: API, page, events.
 EV_HEARTBEAT = "host.heartbeat"

@@ -142,6 +142,12 @@ def on_build_failed(session: Session, event: dict[str, Any],
         _job(session, event["job_id"], state="failed", step=step, message=reason)
         return []
     failed_on = event["host"]
+    if vm.host is not None and failed_on and vm.host.name != failed_on:
+        # A late or redelivered failure from a host the VM has already left: the build on
+        # its current host must keep its claim and its job.
+        log.info("ignoring a build failure of %s on %s: it now builds on %s",
+                 vm.id, failed_on, vm.host.name)
+        return []
     claims.release(session, vm.id)
     alternates = [a for a in (vm.alternates or []) if a != failed_on]
     if vm.attempts + 1 < MAX_ATTEMPTS and alternates:

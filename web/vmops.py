@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
@@ -142,6 +142,8 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
                 for row in (s.get(Job, job.id), s.get(VM, vm.id)):
                     if row is not None:
                         s.delete(row)
+            # Nor a "building" event in the log for VMs that never were.
+            s.execute(delete(Event).where(Event.id.in_([ev.id for ev in events])))
         raise Unavailable("the message broker is not reachable; nothing was created") from None
     for ev in events:
         _publish(bus, ev)
@@ -184,6 +186,7 @@ def delete_vm(store: Store, dispatcher: Any, bus: Bus | None, who: Principal,
             if row is not None:
                 row.state = previous
             s.delete(s.get(Job, job.id))
+            s.execute(delete(Event).where(Event.id == ev.id))
         raise Unavailable("the message broker is not reachable; the VM was left as it was") \
             from None
     _publish(bus, ev)

@@ -101,6 +101,7 @@ def test_env_overrides_file_and_keywords_override_env(tmp_path: Path) -> None:
     ({"VIRTFLEET_WORKER_CONCURRENCY": "0"}, "worker_concurrency"),
     ({"VIRTFLEET_VIRT_TYPE": "xen"}, "virt_type"),
     ({"VIRTFLEET_HOST_NAME": "Bad_Name"}, "host_name"),
+    ({"VIRTFLEET_HOST_NAME": "node1\n"}, "host_name"),
     ({"VIRTFLEET_NETWORK": "default"}, "network"),
     ({"VIRTFLEET_NETWORK": "vlan:7"}, "network"),
     ({"VIRTFLEET_REDIS_URL": "http://127.0.0.1:6379"}, "redis_url"),

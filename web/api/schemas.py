@@ -7,7 +7,8 @@ from marshmallow import RAISE, Schema, fields, validate
 
 from fleet.contract import NAME_RE
 
-NAME = validate.Regexp(NAME_RE, error="must match ^[a-z0-9][a-z0-9-]{0,62}$ "
+# marshmallow str.format()s these messages: braces are doubled.
+NAME = validate.Regexp(NAME_RE, error="must match ^[a-z0-9][a-z0-9-]{{0,62}}$ "
                        "(lower-case letters, digits and '-', at most 63)")
 
 
@@ -157,8 +158,8 @@ class EventSchema(Schema):
     data = fields.Dict()
 
 
-LABEL_KEY = validate.Regexp(r"^[a-z0-9][a-z0-9_.-]{0,62}$", error="label keys must match "
-                            "^[a-z0-9][a-z0-9_.-]{0,62}$")
+LABEL_KEY = validate.Regexp(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z", error="label keys must match "
+                            "^[a-z0-9][a-z0-9_.-]{{0,62}}$")
 LABEL_VALUE = validate.Length(max=63)
 
 
