@@ -58,7 +58,7 @@ PG_TEST_DB=virtfleet_test
 pg_bin() {
   # The newest PostgreSQL installed from Debian's packages.
   local d
-  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1) || true
   [ -n "$d" ] && [ -x "$d/pg_ctl" ] || { echo "PostgreSQL is not installed" >&2; return 1; }
   echo "$d"
 }
@@ -90,8 +90,8 @@ start_postgres_test() {
     sleep 0.1
   done
   [ $ready -eq 1 ] || { echo "PostgreSQL did not start" >&2; return 1; }
-  if ! "${as_pg[@]}" "$bin/psql" -h "$PG_TEST_DIR" -p "$PG_TEST_PORT" -U postgres -tAc \
-      "SELECT 1 FROM pg_database WHERE datname = '$PG_TEST_DB'" postgres | grep -q 1; then
+  if [ "$("${as_pg[@]}" "$bin/psql" -h "$PG_TEST_DIR" -p "$PG_TEST_PORT" -U postgres -tAc \
+      "SELECT 1 FROM pg_database WHERE datname = '$PG_TEST_DB'" postgres)" != 1 ]; then
     "${as_pg[@]}" "$bin/createdb" -h "$PG_TEST_DIR" -p "$PG_TEST_PORT" -U postgres "$PG_TEST_DB"
   fi
 }
