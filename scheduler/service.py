@@ -8,13 +8,17 @@ from __future__ import annotations
 import logging
 import threading
 
+from sqlalchemy import func, select
+
 from fleet import contract as c
 from fleet.bus import Bus
 from fleet.celery_app import make_celery
 from fleet.config import Settings
+from fleet.store.models import Event
 from fleet.store.session import Store
 from scheduler import tasks
 from scheduler.events import mark_silent_hosts_down
+from scheduler.tasks import event_dict
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +27,17 @@ def liveness_loop(store: Store, settings: Settings, bus: Bus, stop: threading.Ev
     while not stop.wait(settings.heartbeat_interval / 2):
         try:
             with store.session() as session:
+                before = session.scalar(select(func.max(Event.id))) or 0
                 down = mark_silent_hosts_down(session, settings)
+                session.flush()
+                published = [event_dict(row) for row in session.scalars(
+                    select(Event).where(Event.id > before).order_by(Event.id))]
             for name in down:
                 log.warning("host %s missed %d heartbeats: marked down", name,
                             settings.missed_heartbeats)
-                bus.publish(c.make_event(c.EV_HOST_DOWN, host=name))
+            # host.down for admins, and each VM's move to `unknown` for its project's page
+            for event in published:
+                bus.publish(event)
         except Exception:  # noqa: BLE001 - keep checking; a DB hiccup must not stop liveness
             log.exception("liveness check failed")
 
