@@ -12,7 +12,7 @@ import re
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 from fleet import contract as c
 from fleet.exceptions import BuildError
 from worker import cache, images
-from worker.domain import HostSettings, design, instance_paths, to_xml
+from worker.domain import HostSettings, InstancePaths, design, instance_paths, to_xml
 from worker.seed import build_seed_iso
 from worker.virt import Virt
 
@@ -42,6 +42,8 @@ class HostContext:
     host: HostSettings
     host_token: str
     emit: Emit
+    building: set[str] = field(default_factory=set)
+    """VMs this worker is building now: their lifecycle events are the build's own."""
 
 
 def scrub(message: str) -> str:
@@ -68,6 +70,17 @@ def build_vm(ctx: HostContext, payload: dict[str, Any]) -> None:
 
     if ctx.virt.state(vm_id) == "running":
         return  # a redelivered message for a build that already finished
+    ctx.building.add(vm_id)
+    try:
+        _build(ctx, payload, paths, step)
+    finally:
+        ctx.building.discard(vm_id)
+
+
+def _build(ctx: HostContext, payload: dict[str, Any], paths: InstancePaths,
+           step: Callable[[str], None]) -> None:
+    vm = payload["vm"]
+    vm_id = vm["id"]
     current = "image"
     try:
         with ExitStack() as undo:
@@ -79,7 +92,8 @@ def build_vm(ctx: HostContext, payload: dict[str, Any]) -> None:
             paths.dir.mkdir(parents=True, exist_ok=True)
             undo.callback(shutil.rmtree, paths.dir, ignore_errors=True)
             if not paths.disk.exists():
-                images.create_overlay(base, paths.disk, int(vm["disk_gb"]) * GIB)
+                images.create_overlay(base, paths.disk, int(vm["disk_gb"]) * GIB,
+                                      base_size=cache.base_virtual_size(base))
 
             current = "seed"
             step(current)

@@ -48,6 +48,19 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def base_virtual_size(base: Path) -> int:
+    """The base's virtual size, read once and remembered beside it (bases never change)."""
+    memo = base.with_suffix(".size")
+    try:
+        return int(memo.read_text())
+    except (OSError, ValueError):
+        size = images.virtual_size(base, "qcow2")
+        tmp = memo.with_suffix(f".size.{os.getpid()}")
+        tmp.write_text(str(size))
+        os.replace(tmp, memo)
+        return size
+
+
 def ensure_base(storage_dir: Path, image: dict[str, Any], token: str) -> Path:
     """Return the cached qcow2 base for `image`, fetching and checking it if missing."""
     sha = str(image["sha256"])

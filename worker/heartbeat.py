@@ -16,11 +16,19 @@ from worker.virt import Virt
 GIB = 1024**3
 
 
-def heartbeat_data(virt: Virt, host: HostSettings) -> dict[str, Any]:
+def domain_states(virt: Virt) -> dict[str, str]:
+    """VM id (or domain UUID) -> state of every domain. Can block for seconds while libvirt
+    destroys a domain, so it runs apart from the beat (see worker.service)."""
+    return {d["vm_id"] or d["uuid"]: d["state"] for d in virt.list_domains()}
+
+
+def heartbeat_data(virt: Virt, host: HostSettings,
+                   domains: dict[str, str]) -> dict[str, Any]:
+    """The beat: capacity (a node call that never waits on a domain), disk, cache, and the
+    last known domain states."""
     cap = virt.capacity()
     host.storage_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(host.storage_dir)
-    domains = {d["vm_id"] or d["uuid"]: d["state"] for d in virt.list_domains()}
     return {
         "arch": host.arch,
         "virt_type": host.virt_type,

@@ -75,14 +75,16 @@ def virtual_size(path: Path, fmt: str) -> int:
 
 
 def create_overlay(
-    base: Path, overlay: Path, size_bytes: int | None, *, base_fmt: str = "qcow2"
+    base: Path, overlay: Path, size_bytes: int | None, *, base_fmt: str = "qcow2",
+    base_size: int | None = None,
 ) -> None:
     """Create a qcow2 ``overlay`` backed by ``base``, at least as large as the base.
 
     A requested size smaller than the base's virtual size is raised to it (never
     shrink). Refuses to overwrite an existing overlay (``FileExistsError``): a retried
     build must not wipe a guest's disk. The overlay appears atomically (written under
-    a temporary name in the same directory, then renamed).
+    a temporary name in the same directory, then renamed). ``base_size``, when the caller
+    already knows the base's virtual size, saves one ``qemu-img info``.
     """
     overlay = Path(overlay)
     if overlay.exists():
@@ -90,7 +92,8 @@ def create_overlay(
     tmp = overlay.with_name(f".{overlay.name}.tmp")
     argv = [QEMU_IMG, "create", "-f", "qcow2", "-b", _abs(base), "-F", _fmt(base_fmt), _abs(tmp)]
     if size_bytes is not None:
-        argv.append(str(_round_up(max(size_bytes, virtual_size(base, base_fmt)))))
+        floor = base_size if base_size is not None else virtual_size(base, base_fmt)
+        argv.append(str(_round_up(max(size_bytes, floor))))
     tmp.unlink(missing_ok=True)
     try:
         run(argv, timeout=CREATE_TIMEOUT)

@@ -16,7 +16,7 @@ from fleet.celery_app import make_celery
 from fleet.config import Settings
 from worker import build, tasks
 from worker.domain import HostSettings
-from worker.heartbeat import heartbeat_data
+from worker.heartbeat import domain_states, heartbeat_data
 from worker.sysinfo import detect_virt_type, host_arch
 from worker.virt import LifecycleListener, Virt
 
@@ -51,21 +51,37 @@ def run(settings: Settings) -> None:
     tasks.register(app, ctx)
     stop = threading.Event()
 
-    def beat() -> None:
+    known: dict[str, dict[str, str]] = {"domains": {}}
+
+    def inventory() -> None:
+        # Apart from the beat: listing domains waits while libvirt destroys one (seconds),
+        # and a late beat would get a healthy host marked down.
         while True:
             try:
                 # The build's own connection: a test:///file driver keeps its domains per
                 # connection, so only this one sees what the builds defined.
-                emit(c.EV_HEARTBEAT, **heartbeat_data(virt, host))
+                known["domains"] = domain_states(virt)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("listing domains failed")
+            if stop.wait(settings.heartbeat_interval):
+                return
+
+    def beat() -> None:
+        while True:
+            try:
+                emit(c.EV_HEARTBEAT, **heartbeat_data(virt, host, known["domains"]))
             except Exception:  # noqa: BLE001 - a missed beat is visible upstream; keep beating
                 log.exception("heartbeat failed")
             if stop.wait(settings.heartbeat_interval):
                 return
 
     def on_lifecycle(uuid: str, dom_name: str, event: str, detail: str) -> None:
-        if dom_name.startswith("vf-"):
+        # A VM being built reports through its build (build.done); its own define/start
+        # events would only queue in front of that.
+        if dom_name.startswith("vf-") and uuid not in ctx.building:
             emit(c.EV_LIFECYCLE, vm_id=uuid, event=event, detail=detail)
 
+    threading.Thread(target=inventory, name="inventory", daemon=True).start()
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     listener = LifecycleListener(settings.libvirt_uri, on_lifecycle).start()
     try:

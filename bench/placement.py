@@ -1,0 +1,282 @@
+"""`virtfleet bench placement`: how many placement decisions per second the store sustains, and
+how long each takes, at N simulated hosts, on SQLite and on PostgreSQL.
+
+One decision is what the API does for one VM, minus HTTP (web/vmops.py create_vms): in one
+transaction, write the VM row, build its request (claims.request_for), place it and claim its
+capacity (claims.place_and_claim, compare-and-set on the host's generation), mark it
+`building`, commit. Decisions run one after another in this process.
+
+Owns a throwaway store per database (a SQLite file in a temporary directory; a fresh
+PostgreSQL schema, dropped afterwards), its hosts, the timing and the report, and a check
+afterwards that no host holds more than its capacity times its ratio and that every host's
+used capacity is the sum of its claims. Must not touch any other database or schema; a
+benchmark reports, it does not fail (`strict` aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy.engine import make_url
+
+from fleet.config import Settings
+from fleet.store.migrate import upgrade
+from fleet.store.models import VM, Claim, Host, Image, Project
+from fleet.store.session import Store
+from scheduler import claims, hostcache
+
+TARGET_PER_SECOND = 1000.0
+"""Decisions per second to reach (each one transaction with its claim)."""
+
+TARGET_P99_MS = 5.0
+"""Slowest 1% of decisions may take at most this long."""
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:55432/virtfleet_test"
+"""The throwaway test cluster of `scripts/services.sh start-test` (VIRTFLEET_TEST_PG_URL
+overrides it)."""
+
+PG_ENV = "VIRTFLEET_TEST_PG_URL"
+
+SEED = 20240611
+"""Hosts and requests are random but the same every run."""
+
+ZONES = ("a", "b", "c", "d")
+
+FLAVORS: tuple[tuple[int, int, int], ...] = ((1, 512, 10), (1, 1024, 20), (2, 2048, 20),
+                                             (2, 4096, 40), (4, 8192, 80))
+"""(vcpus, memory_mb, disk_gb) of the VMs asked for."""
+
+
+@dataclass
+class Result:
+    db: str
+    hosts: int
+    decisions: int
+    placed: int = 0
+    refused: int = 0
+    seconds: float = 0.0
+    per_second: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    cache_reloads: int = 0
+    over_capacity: list[str] = field(default_factory=list)
+    claims_mismatch: list[str] = field(default_factory=list)
+    passed: bool = False
+    error: str = ""
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = max(0, math.ceil(pct / 100.0 * len(ordered)) - 1)
+    return ordered[k]
+
+
+@contextmanager
+def sqlite_store() -> Iterator[Store]:
+    with tempfile.TemporaryDirectory(prefix="vf-bench-placement-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'store.db'}"
+        upgrade(url)
+        store = Store(url)
+        try:
+            yield store
+        finally:
+            store.dispose()
+
+
+@contextmanager
+def postgres_store(base_url: str) -> Iterator[Store]:
+    """A fresh schema in the database at `base_url`, dropped afterwards."""
+    schema = f"vf_bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base_url, connect_args={"connect_timeout": 10})
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    rendered = url.render_as_string(hide_password=False)
+    store = None
+    try:
+        upgrade(rendered)
+        store = Store(rendered)
+        yield store
+    finally:
+        if store is not None:
+            store.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def populate(store: Store, n_hosts: int, rng: random.Random) -> tuple[int, str, str]:
+    """N hosts of varied sizes, ratios and labels (a few down, disabled or in maintenance),
+    one project and one image. Returns (project id, image id, image sha256)."""
+    sha = "ab" * 32
+    rows: list[dict[str, Any]] = []
+    for i in range(n_hosts):
+        labels = {"zone": ZONES[i % len(ZONES)]}
+        if i % 3 == 0:
+            labels["disk"] = "ssd"
+        rows.append(dict(
+            name=f"host-{i:05d}", arch="x86_64", virt_type=rng.choice(("kvm", "qemu")),
+            vcpus=rng.choice((16, 32, 48, 64)), memory_mb=rng.choice((65536, 131072, 262144)),
+            disk_gb=rng.choice((1000, 2000, 4000)), used_vcpus=0, used_memory_mb=0,
+            used_disk_gb=0, cpu_ratio=rng.choice((None, 2.0, 4.0)),
+            ram_ratio=rng.choice((None, 1.0, 1.5)), disk_ratio=None,
+            max_vms=rng.choice((None, None, 50)), generation=0,
+            alive=i % 97 != 5, enabled=i % 89 != 7, maintenance=i % 83 == 11,
+            labels=labels, cached_images=[sha] if i % 4 == 0 else [], load=0.0))
+    with store.session() as s:
+        s.execute(insert(Host), rows)
+        project = Project(name="bench")
+        s.add(project)
+        s.flush()
+        image = Image(name="bench", project_id=project.id, sha256=sha, size_bytes=1 << 20)
+        s.add(image)
+        s.flush()
+        return project.id, image.id, sha
+
+
+def decide(store: Store, settings: Settings, project_id: int, image_id: str, sha: str,
+           name: str, flavor: tuple[int, int, int], constraints: dict[str, str]) -> str:
+    """One decision, as create_vms makes it: VM row, request, place and claim, commit."""
+    vcpus, memory_mb, disk_gb = flavor
+    with store.session() as s:
+        vm = VM(name=name, project_id=project_id, image_id=image_id, vcpus=vcpus,
+                memory_mb=memory_mb, disk_gb=disk_gb, user_data="", state="pending",
+                mac="52:54:00:00:00:00", constraints=constraints)
+        s.add(vm)
+        s.flush()
+        host = claims.place_and_claim(s, vm, claims.request_for(s, vm, sha), settings)
+        vm.state = "building"
+        return host.name
+
+
+def verify(store: Store, settings: Settings, result: Result) -> None:
+    """No host above capacity x ratio; each host's used capacity is the sum of its claims."""
+    with store.sessions() as s:
+        sums = {hid: (int(v), int(m), int(d), int(n)) for hid, v, m, d, n in s.execute(
+            select(Claim.host_id, func.sum(Claim.vcpus), func.sum(Claim.memory_mb),
+                   func.sum(Claim.disk_gb), func.count(Claim.id)).group_by(Claim.host_id))}
+        placed = s.scalar(select(func.count(VM.id)).where(VM.host_id.is_not(None))) or 0
+        for h in s.scalars(select(Host)):
+            cpu = h.vcpus * (h.cpu_ratio or settings.cpu_allocation_ratio)
+            ram = h.memory_mb * (h.ram_ratio or settings.ram_allocation_ratio)
+            disk = h.disk_gb * (h.disk_ratio or settings.disk_allocation_ratio)
+            if h.used_vcpus > cpu or h.used_memory_mb > ram or h.used_disk_gb > disk:
+                result.over_capacity.append(h.name)
+            v, m, d, _ = sums.get(h.id, (0, 0, 0, 0))
+            if (h.used_vcpus, h.used_memory_mb, h.used_disk_gb) != (v, m, d):
+                result.claims_mismatch.append(h.name)
+        if placed != result.placed or sum(x[3] for x in sums.values()) != result.placed:
+            result.claims_mismatch.append(f"placed {result.placed} VMs but the store has "
+                                          f"{placed} placed and "
+                                          f"{sum(x[3] for x in sums.values())} claims")
+
+
+def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
+            settings: Settings) -> Result:
+    rng = random.Random(SEED)
+    result = Result(db=db, hosts=n_hosts, decisions=n_decisions)
+    project_id, image_id, sha = populate(store, n_hosts, rng)
+    hostcache.reset()
+    plan = []
+    for i in range(n_decisions):
+        roll = rng.random()
+        constraints = ({"zone": rng.choice(ZONES)} if roll < 0.2
+                       else {"zone": rng.choice(ZONES), "disk": "ssd"} if roll < 0.25 else {})
+        plan.append((f"vm-{i:06d}", rng.choice(FLAVORS), constraints))
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for name, flavor, constraints in plan:
+        t0 = time.perf_counter()
+        try:
+            decide(store, settings, project_id, image_id, sha, name, flavor, constraints)
+            result.placed += 1
+        except claims.NoValidHost:
+            result.refused += 1
+        latencies.append(time.perf_counter() - t0)
+    result.seconds = time.perf_counter() - started
+    result.cache_reloads = sum(c.reloads for c in hostcache.caches())
+    hostcache.reset()
+    result.per_second = n_decisions / result.seconds if result.seconds else 0.0
+    ms = [x * 1000.0 for x in latencies]
+    result.p50_ms, result.p95_ms = percentile(ms, 50), percentile(ms, 95)
+    result.p99_ms, result.max_ms = percentile(ms, 99), max(ms, default=0.0)
+    verify(store, settings, result)
+    result.passed = (result.per_second >= TARGET_PER_SECOND and result.p99_ms <= TARGET_P99_MS
+                     and not result.over_capacity and not result.claims_mismatch)
+    return result
+
+
+def report(results: Sequence[Result], settings: Settings) -> str:
+    lines = [f"placement bench: 1 decision = 1 transaction (VM row + request_for + "
+             f"place_and_claim + commit); host_cache_ttl={settings.host_cache_ttl:g}s; "
+             f"targets >= {TARGET_PER_SECOND:.0f}/s, p99 <= {TARGET_P99_MS:g} ms"]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.db:<10} ERROR {r.error}")
+            continue
+        lines.append(
+            f"{r.db:<10} hosts={r.hosts} decisions={r.decisions} placed={r.placed} "
+            f"refused={r.refused} in {r.seconds:.2f}s: {r.per_second:.0f} decisions/s; "
+            f"latency ms p50 {r.p50_ms:.2f} p95 {r.p95_ms:.2f} p99 {r.p99_ms:.2f} "
+            f"max {r.max_ms:.2f}; cache reloads {r.cache_reloads}")
+        lines.append(
+            f"{'':<10} check: hosts over capacity x ratio: {len(r.over_capacity)}"
+            f"{' ' + ', '.join(r.over_capacity[:5]) if r.over_capacity else ''}; "
+            f"hosts whose used != sum of claims: {len(r.claims_mismatch)}"
+            f"{' ' + '; '.join(r.claims_mismatch[:5]) if r.claims_mismatch else ''}")
+        lines.append(f"{'':<10} {'PASS' if r.passed else 'FAIL'} "
+                     f"({r.per_second:.0f}/s vs >= {TARGET_PER_SECOND:.0f}/s, p99 "
+                     f"{r.p99_ms:.2f} ms vs <= {TARGET_P99_MS:g} ms)")
+    return "\n".join(lines)
+
+
+def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str | None = None,
+         as_json: bool = False, strict: bool = False, host_cache_ttl: float | None = None) -> int:
+    settings = Settings(host_name="bench")
+    if host_cache_ttl is not None:
+        settings = Settings(host_name="bench", host_cache_ttl=host_cache_ttl)
+    dbs = ("sqlite", "postgresql") if db == "both" else (db,)
+    results: list[Result] = []
+    for name in dbs:
+        try:
+            if name == "sqlite":
+                with sqlite_store() as store:
+                    results.append(run_one(name, store, hosts, decisions, settings))
+            else:
+                url = pg_url or os.environ.get(PG_ENV) or DEFAULT_PG_URL
+                with postgres_store(url) as store:
+                    results.append(run_one(name, store, hosts, decisions, settings))
+        except Exception as exc:  # noqa: BLE001 - reported, the other database still runs
+            results.append(Result(db=name, hosts=hosts, decisions=decisions,
+                                  error=f"{type(exc).__name__}: {exc}"))
+    if as_json:
+        print(json.dumps({"targets": {"per_second": TARGET_PER_SECOND,
+                                      "p99_ms": TARGET_P99_MS},
+                          "host_cache_ttl": settings.host_cache_ttl,
+                          "results": [asdict(r) for r in results]}, indent=2))
+    else:
+        print(report(results, settings))
+    ok = all(r.passed for r in results)
+    return 1 if strict and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The pure helpers of `virtfleet bench submit`: percentiles, summaries, verdicts, the
+breakdown from event timestamps, the report and its table. Nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import submit
+
+
+def test_percentile_interpolates_between_ranks_like_numpy() -> None:
+    values = [10.0, 20.0, 30.0, 40.0]
+    assert submit.percentile(values, 0) == 10.0
+    assert submit.percentile(values, 100) == 40.0
+    assert submit.percentile(values, 50) == 25.0
+    assert submit.percentile(values, 95) == pytest.approx(38.5)
+    assert submit.percentile([7.0], 95) == 7.0
+
+
+def test_percentile_ignores_input_order_and_leaves_it_alone() -> None:
+    values = [40.0, 10.0, 30.0, 20.0]
+    assert submit.percentile(values, 50) == 25.0
+    assert values == [40.0, 10.0, 30.0, 20.0]
+
+
+@pytest.mark.parametrize("values, q", [([], 50), ([1.0], -1), ([1.0], 101)])
+def test_percentile_rejects_no_values_and_bad_q(values: list[float], q: float) -> None:
+    with pytest.raises(ValueError):
+        submit.percentile(values, q)
+
+
+def test_summarize() -> None:
+    s = submit.summarize([float(x) for x in range(21)])
+    assert s == {"n": 21, "p50": 10.0, "p95": 19.0, "min": 0.0, "max": 20.0, "mean": 10.0}
+    assert submit.summarize([1.0, 1.26])["p50"] == 1.1  # rounded to 0.1 ms
+    assert submit.summarize([]) == {"n": 0}
+
+
+def test_verdict_is_inclusive_and_knows_missing_values() -> None:
+    assert submit.verdict(150.0, 150.0) == "PASS"
+    assert submit.verdict(150.1, 150.0) == "FAIL"
+    assert submit.verdict(None, 150.0) == "n/a"
+
+
+def test_overhead_difference_ratio_and_verdict() -> None:
+    o = submit.overhead({"n": 3, "p50": 900.0}, {"n": 3, "p50": 800.0}, 150.0)
+    assert o == {"p50_ms": 100.0, "ratio": 1.12, "target_ms": 150.0, "verdict": "PASS",
+                 "paired_p50_ms": None}
+    o = submit.overhead({"n": 3, "p50": 1000.0}, {"n": 3, "p50": 800.0}, 150.0)
+    assert (o["p50_ms"], o["ratio"], o["verdict"]) == (200.0, 1.25, "FAIL")
+    assert submit.overhead({"n": 0}, {"n": 3, "p50": 1.0}, 150.0)["verdict"] == "n/a"
+    assert submit.overhead({"n": 3, "p50": 9.0}, {"n": 3, "p50": 8.0}, 150.0,
+                           paired=[3.0, 1.0, 2.0])["paired_p50_ms"] == 2.0
+
+
+def test_paired_differences_stop_at_the_shorter_list() -> None:
+    assert submit.paired([5.0, 7.0, 9.0], [1.0, 2.0]) == [4.0, 5.0]
+
+
+def test_epoch_reads_naive_timestamps_as_utc() -> None:
+    assert submit.epoch("1970-01-01T00:00:10") == 10.0
+    assert submit.epoch("1970-01-01T01:00:10+01:00") == 10.0
+    assert submit.epoch(None) is None
+
+
+def test_milestones_from_events_takes_the_first_of_each() -> None:
+    events = [
+        {"type": "vm.state", "ts": "1970-01-01T00:00:01", "data": {"state": "building"}},
+        {"type": "vm.build.step", "ts": "1970-01-01T00:00:02", "data": {"step": "image"}},
+        {"type": "vm.build.step", "ts": "1970-01-01T00:00:03", "data": {"step": "define"}},
+        {"type": "vm.lifecycle", "ts": "1970-01-01T00:00:04",
+         "data": {"event": "defined", "detail": "added"}},
+        {"type": "vm.lifecycle", "ts": "1970-01-01T00:00:05",
+         "data": {"event": "started", "detail": "booted"}},
+        {"type": "vm.build.done", "ts": "1970-01-01T00:00:06", "data": {"state": "running"}},
+        {"type": "vm.build.step", "ts": "1970-01-01T00:00:07", "data": {"step": "image"}},
+        {"type": "vm.state", "ts": "1970-01-01T00:00:08", "data": {"state": "deleting"}},
+    ]
+    assert submit.milestones_from_events(events) == {
+        "building": 1.0, "image": 2.0, "define": 3.0, "started": 5.0, "done": 6.0}
+
+
+def test_stage_samples_telescope_and_skip_runs_missing_a_milestone() -> None:
+    names = ["send", "building", "image", "overlay", "seed", "define", "done", "applied",
+             "api_running"]
+    full = {name: i * 0.01 for i, name in enumerate(names)}
+    partial = {k: v for k, v in full.items() if k != "seed"}
+    stages = submit.stage_samples([full, partial])
+    assert stages["web_place"] == pytest.approx([10.0, 10.0])
+    assert stages["overlay_step"] == pytest.approx([10.0])  # overlay -> seed
+    assert stages["seed_step"] == pytest.approx([10.0])
+    total = sum(stages[key][0] for key, *_ in submit.STAGES)
+    assert total == pytest.approx((full["api_running"] - full["send"]) * 1000)
+    outside = stages["outside_define_start"]
+    assert outside == pytest.approx([total - stages["define_start"][0]] * 2)
+    assert stages["post_202"] == []
+
+
+def _report() -> dict:
+    samples = {
+        "api_to_running_api": [900.0, 1000.0, 1100.0],
+        "api_to_running_libvirt": [850.0, 950.0, 1050.0],
+        "bare_define_start": [700.0, 800.0, 900.0],
+        "bare_until_domstate": [720.0, 820.0, 920.0],
+        "overlay_seed": [20.0, 30.0, 40.0],
+        "overlay": [15.0, 25.0, 35.0],
+        "seed": [5.0, 5.0, 5.0],
+        "milestones": [{"send": 0.0, "building": 0.02, "accepted": 0.03}],
+    }
+    return submit.build_report(samples, runs=3, warmup=1, virt_type="qemu",
+                               poll_ms={"api": 10.0, "libvirt": 5.0},
+                               notes=["a note"])
+
+
+def test_build_report_figures_and_targets() -> None:
+    r = _report()
+    assert r["api_to_running_api"]["p50"] == 1000.0
+    assert r["targets"]["overhead_api"] == {"p50_ms": 200.0, "ratio": 1.25,
+                                            "target_ms": 150.0, "verdict": "FAIL",
+                                            "paired_p50_ms": 200.0}
+    assert r["targets"]["overhead_libvirt"]["p50_ms"] == 150.0
+    assert r["targets"]["overhead_libvirt"]["verdict"] == "PASS"
+    assert r["targets"]["overlay_seed"] == {"p50_ms": 30.0, "target_ms": 50.0,
+                                            "verdict": "PASS"}
+    assert r["breakdown"]["web_place"]["p50"] == 20.0
+    assert r["breakdown"]["post_202"]["p50"] == 30.0
+    assert r["breakdown"]["image_step"] == {"n": 0}
+    json.dumps(r)  # everything in it is JSON
+
+
+def test_exit_code_only_fails_when_strict() -> None:
+    r = _report()
+    assert submit.exit_code(r, strict=False) == 0
+    assert submit.exit_code(r, strict=True) == 1
+    for t in r["targets"].values():
+        t["verdict"] = "PASS"
+    assert submit.exit_code(r, strict=True) == 0
+
+
+def test_render_shows_every_figure_and_verdict() -> None:
+    text = submit.render(_report())
+    assert "API: POST -> API shows running" in text
+    assert "bare: virsh define + start (wall time)" in text
+    assert "1000.0" in text and "FAIL" in text and "PASS" in text
+    assert "(1.25x)" in text
+    assert "note: a note" in text
+    assert "per run, all but define + start" in text
+    for _key, label, *_ in submit.STAGES:
+        assert label in text
