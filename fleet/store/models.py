@@ -107,6 +107,10 @@ class Image(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     virtual_size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     disk_format: Mapped[str] = mapped_column(String(8), default="qcow2")
+    original_format: Mapped[str] = mapped_column(String(8), default="")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    """importing -> active, or error (with status_reason)."""
+    status_reason: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -143,11 +147,25 @@ class VM(Base):
                                                         nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     mac: Mapped[str] = mapped_column(String(17), default="")
+    addresses: Mapped[list[Any]] = mapped_column(default=list)
+    """IP addresses as last reported by the host: [{"ip", "prefix", "source"}]."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     host: Mapped[Host | None] = relationship()
     image: Mapped[Image] = relationship()
     project: Mapped[Project] = relationship()
+
+
+class Snapshot(Base):
+    __tablename__ = "snapshots"
+    __table_args__ = (UniqueConstraint("vm_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(16), default="creating")
+    """creating -> ready, deleting -> gone, or error."""
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Claim(Base):
