@@ -22,6 +22,16 @@ TASK_DELETE_VM = "virtfleet.worker.delete_vm"
 TASK_CONSOLE_LOG = "virtfleet.worker.console_log"
 """RPC: return the tail of a VM's serial console log (the only task with a result)."""
 
+TASK_VM_ACTION = "virtfleet.worker.vm_action"
+"""Act on an existing VM (start, stop, reboot, force_off, resize, snapshot_create,
+snapshot_revert, snapshot_delete, rebuild); payload: ActionPayload. Idempotent, acks_late."""
+
+TASK_PREWARM_IMAGE = "virtfleet.worker.prewarm_image"
+"""Bring a base image into the host's cache ahead of builds; payload: {"image": ImageRef}."""
+
+TASK_INSPECT_IMAGE = "virtfleet.scheduler.inspect_image"
+"""Control plane: inspect (and convert) an imported image file; payload: {"image_id": id}."""
+
 TASK_EVENT = "virtfleet.scheduler.event"
 """An event from a host (or the control plane) for the scheduler to apply; payload: Event."""
 
@@ -38,6 +48,10 @@ EV_DELETED = "vm.deleted"
 EV_DELETE_FAILED = "vm.delete.failed"
 EV_LIFECYCLE = "vm.lifecycle"
 EV_STATE = "vm.state"
+EV_ACTION_DONE = "vm.action.done"
+EV_ACTION_FAILED = "vm.action.failed"
+EV_ADDRESSES = "vm.addresses"
+EV_IMAGE_CACHED = "image.cached"
 EV_HOST_DOWN = "host.down"
 EV_HOST_UP = "host.up"
 
@@ -66,6 +80,13 @@ class BuildPayload(TypedDict):
     image: ImageRef
     job_id: str
     attempt: int
+
+
+class ActionPayload(TypedDict):
+    vm_id: str
+    job_id: str
+    action: str
+    args: dict[str, Any]  # e.g. {"vcpus": 2, "memory_mb": 512, "disk_gb": 4}, {"name": "s1"}
 
 
 class DeletePayload(TypedDict):
