@@ -214,10 +214,22 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"hosts {names} did not report in")
 
-    def register_image(self, name: str, path: Path) -> dict[str, Any]:
-        r = self.api.post("/images", json={"name": name, "source": str(path)}, timeout=300)
+    def register_image(self, name: str, path: Path, timeout: float = 300) -> dict[str, Any]:
+        """Register a controller file as an image and wait until it is `active` (the import
+        is asynchronous: 202, then the control plane inspects and converts it)."""
+        r = self.api.post("/images", json={"name": name, "source": str(path)}, timeout=timeout)
         r.raise_for_status()
-        return r.json()
+        image = r.json()
+        deadline = time.monotonic() + timeout
+        while image["status"] == "importing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self._check_alive()
+            r = self.api.get(f"/images/{image['id']}")
+            r.raise_for_status()
+            image = r.json()
+        if image["status"] != "active":
+            raise RuntimeError(f"image {name} is {image['status']}: {image['status_reason']}")
+        return image
 
     def delete_all_vms(self, timeout: float = 120) -> None:
         vms = self.api.get("/vms").json()

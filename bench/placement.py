@@ -74,6 +74,7 @@ class Result:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     cache_reloads: int = 0
+    cache_full_reloads: int = 0
     over_capacity: list[str] = field(default_factory=list)
     claims_mismatch: list[str] = field(default_factory=list)
     passed: bool = False
@@ -213,6 +214,7 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
         latencies.append(time.perf_counter() - t0)
     result.seconds = time.perf_counter() - started
     result.cache_reloads = sum(c.reloads for c in hostcache.caches())
+    result.cache_full_reloads = sum(c.full_reloads for c in hostcache.caches())
     hostcache.reset()
     result.per_second = n_decisions / result.seconds if result.seconds else 0.0
     ms = [x * 1000.0 for x in latencies]
@@ -236,7 +238,8 @@ def report(results: Sequence[Result], settings: Settings) -> str:
             f"{r.db:<10} hosts={r.hosts} decisions={r.decisions} placed={r.placed} "
             f"refused={r.refused} in {r.seconds:.2f}s: {r.per_second:.0f} decisions/s; "
             f"latency ms p50 {r.p50_ms:.2f} p95 {r.p95_ms:.2f} p99 {r.p99_ms:.2f} "
-            f"max {r.max_ms:.2f}; cache reloads {r.cache_reloads}")
+            f"max {r.max_ms:.2f}; host cache reloads {r.cache_reloads} "
+            f"({r.cache_full_reloads} in full)")
         lines.append(
             f"{'':<10} check: hosts over capacity x ratio: {len(r.over_capacity)}"
             f"{' ' + ', '.join(r.over_capacity[:5]) if r.over_capacity else ''}; "

@@ -140,6 +140,45 @@ def bench_burst(requests_total: int, room: int, as_json: bool, strict: bool) -> 
     sys.exit(1 if strict and not figures["pass"] else 0)
 
 
+@bench.command("placement")
+@click.option("--hosts", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--decisions", default=3000, show_default=True, type=click.IntRange(min=1))
+@click.option("--db", default="both", show_default=True,
+              type=click.Choice(["sqlite", "postgresql", "both"]))
+@click.option("--pg-url", default=None,
+              help="PostgreSQL to use (a fresh schema, dropped afterwards); default "
+                   "$VIRTFLEET_TEST_PG_URL or the cluster of `scripts/services.sh start-test`")
+@click.option("--host-cache-ttl", type=float, default=None,
+              help="override host_cache_ttl (0: no host cache)")
+@click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
+@click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
+def bench_placement(hosts: int, decisions: int, db: str, pg_url: str | None,
+                    host_cache_ttl: float | None, as_json: bool, strict: bool) -> None:
+    """Placement decisions per second (each one transaction with its claim), per database."""
+    from bench.placement import main as run_placement
+    sys.exit(run_placement(hosts=hosts, decisions=decisions, db=db, pg_url=pg_url,
+                           as_json=as_json, strict=strict, host_cache_ttl=host_cache_ttl))
+
+
+@bench.command("images")
+@click.option("--runs", default=15, show_default=True, type=click.IntRange(min=1),
+              help="overlay + seed runs per base")
+@click.option("--copy-runs", default=3, show_default=True, type=click.IntRange(min=1),
+              help="full copies of the 2 GiB base")
+@click.option("--import-runs", default=3, show_default=True, type=click.IntRange(min=1),
+              help="imports (and as many plain conversions)")
+@click.option("--import-mib", default=1024, show_default=True,
+              type=click.IntRange(min=16, max=16384), help="size of the raw file imported")
+@click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
+@click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
+def bench_images(runs: int, copy_runs: int, import_runs: int, import_mib: int, as_json: bool,
+                 strict: bool) -> None:
+    """Overlay + seed on 1 GiB and 1 TiB bases, against a full copy; import against convert."""
+    from bench.images import main as run_images
+    sys.exit(run_images(runs=runs, copy_runs=copy_runs, import_runs=import_runs,
+                        import_mib=import_mib, as_json=as_json, strict=strict))
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -223,8 +262,17 @@ def _register_demo(settings: Settings, token: str) -> None:
         return
     resp = requests.post(url, headers=headers, timeout=120,
                          json={"name": "demo", "source": str(path), "visibility": "public"})
-    if resp.status_code != 201:
+    if resp.status_code not in (201, 202):
         raise click.ClickException(f"could not register the demo image: {resp.text}")
+    image = resp.json()
+    for _ in range(600):  # 202: the control plane inspects it; wait until it is usable
+        if image["status"] != "importing":
+            break
+        time.sleep(0.2)
+        image = requests.get(f"{url}/{image['id']}", headers=headers, timeout=10).json()
+    if image["status"] != "active":
+        raise click.ClickException(f"the demo image is {image['status']}: "
+                                   f"{image.get('status_reason', '')}")
     click.echo("registered the demo image as 'demo'")
 
 

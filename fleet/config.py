@@ -54,10 +54,17 @@ class Settings:
     disk_allocation_ratio: float = 1.0
     placement_policy: str = "spread"
     host_subset_size: int = 1
+    host_cache_ttl: float = 1.0
     task_time_limit: int = 3600
     worker_concurrency: int = 4
     host_token: str = ""
+    console_bind: str = "127.0.0.1:6081"
+    console_public_url: str = ""
+    console_token_ttl: int = 60
     max_image_bytes: int = 64 * 1024**3
+    max_virtual_bytes: int = 2 * 1024**4
+    cache_max_bytes: int = 20 * 1024**3
+    cache_gc_interval: float = 300.0
     log_level: str = "INFO"
 
     @property
@@ -67,6 +74,13 @@ class Settings:
     @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.web_bind}"
+
+    @property
+    def console_url(self) -> str:
+        """Where browsers and clients reach this host's console server ('' if it has none)."""
+        if not self.console_bind:
+            return ""
+        return (self.console_public_url or f"ws://{self.console_bind}").rstrip("/")
 
     @property
     def network_kind(self) -> str:
@@ -107,14 +121,39 @@ def _check(s: Settings) -> None:
         raise ConfigError("setting 'database_url' must be a sqlite: or postgresql URL")
     if ":" not in s.web_bind:
         raise ConfigError("setting 'web_bind' must be HOST:PORT")
+    _check_console(s)
     for name in ("heartbeat_interval", "cpu_allocation_ratio", "ram_allocation_ratio",
                  "disk_allocation_ratio"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting '{name}' must be greater than zero")
+    if not s.host_cache_ttl >= 0:
+        raise ConfigError("setting 'host_cache_ttl' must be zero (no cache) or more seconds")
     for name in ("missed_heartbeats", "host_subset_size", "task_time_limit",
-                 "worker_concurrency", "max_image_bytes"):
+                 "worker_concurrency", "max_image_bytes", "max_virtual_bytes"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
+    if s.cache_max_bytes < 0:
+        raise ConfigError("setting 'cache_max_bytes' must be zero (keep no unused base) or more")
+    if not s.cache_gc_interval > 0:
+        raise ConfigError("setting 'cache_gc_interval' must be greater than zero")
+
+
+def _check_console(s: Settings) -> None:
+    if s.console_bind:
+        host, sep, port = s.console_bind.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("setting 'console_bind' must be HOST:PORT (port 1-65535), "
+                              "or empty for no console server")
+        if host.strip("[]") in ("", "0.0.0.0", "::") and not s.console_public_url:
+            raise ConfigError("setting 'console_public_url' is needed when 'console_bind' "
+                              "listens on every address (e.g. ws://kvm1.example:6081)")
+    url = s.console_public_url
+    if url and (not url.startswith(("ws://", "wss://")) or "?" in url or "#" in url
+                or len(url.split("://", 1)[1].strip("/")) == 0):
+        raise ConfigError("setting 'console_public_url' must be a ws:// or wss:// URL "
+                          "without query or fragment")
+    if not 1 <= s.console_token_ttl <= 3600:
+        raise ConfigError("setting 'console_token_ttl' must be 1 to 3600 seconds")
 
 
 def load_settings(env: dict[str, str] | None = None, path: Path | None = None,

@@ -20,7 +20,11 @@ TASK_DELETE_VM = "virtfleet.worker.delete_vm"
 """Destroy and remove a VM; payload: DeletePayload."""
 
 TASK_CONSOLE_LOG = "virtfleet.worker.console_log"
-"""RPC: return the tail of a VM's serial console log (the only task with a result)."""
+"""RPC: return the tail of a VM's serial console log."""
+
+TASK_CONSOLE_INFO = "virtfleet.worker.console_info"
+"""RPC: {"url": the host's console server URL ("" if it has none), "state": the domain's
+state or None}; asked before the web signs a console token (see fleet.consoletoken)."""
 
 TASK_VM_ACTION = "virtfleet.worker.vm_action"
 """Act on an existing VM (start, stop, reboot, force_off, resize, snapshot_create,
@@ -52,6 +56,13 @@ EV_ACTION_DONE = "vm.action.done"
 EV_ACTION_FAILED = "vm.action.failed"
 EV_ADDRESSES = "vm.addresses"
 EV_IMAGE_CACHED = "image.cached"
+"""A host has an image's base in its cache (after a prewarm); data: image_id, sha256."""
+EV_IMAGE_CACHE_FAILED = "image.cache.failed"
+"""A host could not bring an image into its cache; data: image_id, sha256, reason."""
+EV_IMAGE_ACTIVE = "image.active"
+"""The control plane finished importing an image (inspected, converted): VMs may use it."""
+EV_IMAGE_ERROR = "image.error"
+"""An image import was refused or failed; data: image_id, reason."""
 EV_HOST_DOWN = "host.down"
 EV_HOST_UP = "host.up"
 

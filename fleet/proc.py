@@ -11,8 +11,10 @@ Must not: use ``shell=True``, run anything without a timeout, or put the full ar
 from __future__ import annotations
 
 import os
+import resource
+import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 STDERR_TAIL_CHARS = 2000
 """How much of a failed command's stderr is kept on the error (its tail)."""
@@ -61,6 +63,31 @@ class ProcTimeout(ProcError):
         return f"{msg}: {self.stderr}" if self.stderr else msg
 
 
+PRLIMIT = "prlimit"
+"""util-linux's prlimit: sets a resource limit on the program it then executes."""
+
+
+def _limited(argv: list[str], memory_limit: int | None
+             ) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv (and, without prlimit, a preexec_fn) that caps the child's address space.
+
+    prlimit is preferred: a preexec_fn is not safe in a process that runs threads (the
+    worker and the scheduler do), so it is only the fallback where prlimit is missing.
+    """
+    if memory_limit is None:
+        return argv, None
+    if memory_limit < 1:
+        raise ValueError("memory_limit must be a positive number of bytes")
+    prlimit = shutil.which(PRLIMIT)
+    if prlimit is not None:
+        return [prlimit, f"--as={memory_limit}", "--", *argv], None
+
+    def preexec() -> None:  # pragma: no cover - only where util-linux is missing
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    return argv, preexec
+
+
 def run(
     args: Sequence[str],
     *,
@@ -68,8 +95,13 @@ def run(
     input: bytes | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
+    memory_limit: int | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``args`` (an argument list, never a shell string) and capture its output.
+
+    ``memory_limit`` (bytes) caps the program's address space (RLIMIT_AS), so a crafted
+    input cannot make it take the machine's memory; past it, allocations fail and the
+    program exits non-zero.
 
     Raises :class:`ProcTimeout` past ``timeout`` seconds, :class:`ProcError` when the
     program cannot be started or (with ``check``) exits non-zero.
@@ -80,15 +112,17 @@ def run(
     if not argv:
         raise ValueError("run() needs at least the program name")
     name = os.path.basename(argv[0])
+    full_argv, preexec = _limited(argv, memory_limit)
     try:
         proc = subprocess.run(
-            argv,
+            full_argv,
             input=input,
             capture_output=True,
             timeout=timeout,
             env=dict(env) if env is not None else None,
             check=False,
             shell=False,
+            preexec_fn=preexec,
         )
     except subprocess.TimeoutExpired as exc:
         raise ProcTimeout(name, timeout, _tail(exc.stderr), argv) from None

@@ -6,12 +6,15 @@ so a VM row and its claim are written together or not at all.
 
 from __future__ import annotations
 
-from sqlalchemy import case, delete, func, select, update
+from collections.abc import Sequence
+
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
 from fleet.store.models import VM, Claim, Host, ServerGroup
+from scheduler import hostcache
 from scheduler.placement import HostSnapshot, Request, default_weighers, rank
 
 MAX_ALTERNATES = 2
@@ -39,15 +42,9 @@ def snapshot(host: Host, settings: Settings, vm_count: int = 0, builds: int = 0
 
 def load_snapshots(session: Session, settings: Settings,
                    only: frozenset[str] | None = None) -> list[HostSnapshot]:
-    """Every host (or those in `only`) as it is now, with its VM and build counts."""
-    query = select(Host) if only is None else select(Host).where(Host.name.in_(only))
-    # populate_existing: a retry must see the hosts as they are now, not the session's copies.
-    hosts = session.scalars(query.execution_options(populate_existing=True)).all()
-    counts = {hid: (n, b) for hid, n, b in session.execute(
-        select(VM.host_id, func.count(VM.id),
-               func.coalesce(func.sum(case((VM.state == "building", 1), else_=0)), 0))
-        .where(VM.host_id.is_not(None)).group_by(VM.host_id))}
-    return [snapshot(h, settings, *counts.get(h.id, (0, 0))) for h in hosts]
+    """Every host (or those in `only`) as it is now, with its VM and build counts: one Core
+    statement in the caller's transaction (no ORM objects, nothing cached)."""
+    return hostcache.read_hosts(session, settings, only)
 
 
 def group_hosts(session: Session, group_id: str | None,
@@ -100,22 +97,37 @@ def place_and_claim(session: Session, vm: VM, req: Request, settings: Settings,
 
     `only` limits the candidates (a reschedule onto alternates). Sets the VM's host and
     alternates. Raises NoValidHost with per-filter counts.
+
+    Hosts come from the process's host cache (hostcache.py) unless `only` is given or the
+    cache is off: a stale host loses its compare-and-set, is re-read, and the next candidate
+    is tried. A refusal is never made on cached hosts alone: they are read again first.
     """
     weighers = default_weighers(settings.placement_policy)
+    cached = None if only is not None else hostcache.for_session(session, settings)
+    fresh = cached is None
     for _ in range(CLAIM_ROUNDS):
-        hosts = load_snapshots(session, settings, only)
+        hosts: Sequence[HostSnapshot] = (load_snapshots(session, settings, only)
+                                         if cached is None else cached.hosts())
         ranking = rank(hosts, req, weighers=weighers, top_random=settings.host_subset_size)
+        if not ranking.hosts and not fresh:
+            assert cached is not None
+            fresh = True
+            hosts = cached.hosts(reload=True)
+            ranking = rank(hosts, req, weighers=weighers, top_random=settings.host_subset_size)
         if not ranking.hosts:
             raise NoValidHost(_no_host_message(len(hosts), ranking.removed),
                               {"filters": ranking.removed, "hosts": len(hosts)})
         for i, cand in enumerate(ranking.hosts):
             if try_claim(session, cand, vm.id, req):
-                chosen = session.get(Host, cand.id)
+                if cached is not None:
+                    cached.claimed(cand, req)
+                chosen = session.get(Host, cand.id, populate_existing=True)
                 assert chosen is not None
-                session.refresh(chosen)
                 vm.host_id = chosen.id
                 vm.alternates = [h.name for h in ranking.hosts[i + 1:i + 1 + MAX_ALTERNATES]]
                 return chosen
+            if cached is not None:
+                cached.lost(cand)
     raise NoValidHost("every candidate host was taken by concurrent requests; try again",
                       {"filters": ranking.removed, "hosts": len(hosts)})
 

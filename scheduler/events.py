@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
-from fleet.store.models import VM, Event, Host, Image, Job, utcnow
+from fleet.store.models import VM, Claim, Event, Host, Image, Job, Snapshot, utcnow
 from scheduler import claims
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,16 @@ def on_heartbeat(session: Session, event: dict[str, Any], settings: Settings) ->
         host = Host(name=event["host"], labels={}, cached_images=[])
         session.add(host)
     was_down = host.id is not None and not host.alive
-    before = (host.arch, host.vcpus, host.memory_mb, host.disk_gb)
+    before = (host.arch, host.virt_type, host.vcpus, host.memory_mb, host.disk_gb)
     host.arch = d.get("arch", host.arch)
     host.virt_type = d.get("virt_type", host.virt_type)
     host.vcpus = int(d.get("vcpus", host.vcpus))
     host.memory_mb = int(d.get("memory_mb", host.memory_mb))
     host.disk_gb = int(d.get("disk_gb", host.disk_gb))
-    if host.id is not None and (host.arch, host.vcpus, host.memory_mb, host.disk_gb) != before:
-        # Capacity changed: a claim computed against the old totals must lose its CAS.
+    if was_down or (host.id is not None and (host.arch, host.virt_type, host.vcpus,
+                                             host.memory_mb, host.disk_gb) != before):
+        # Capacity changed or the host is back: a claim (or a cached host, see
+        # scheduler/hostcache.py) computed against the old state must lose its CAS.
         host.generation = Host.generation + 1
     host.load = float(d.get("load", 0.0))
     host.cached_images = list(d.get("cached_images", []))
@@ -175,7 +177,9 @@ def on_build_failed(session: Session, event: dict[str, Any],
 LIFECYCLE_TO_STATE: dict[str, tuple[tuple[str, ...], str]] = {
     "started": (("stopped", "unknown", "rebooting", "error", "stopping"), "running"),
     "resumed": (("stopped", "unknown"), "running"),
-    "stopped": (("running", "ready", "stopping", "rebooting", "unknown"), "stopped"),
+    # Not from `rebooting`: a reboot powers the guest off and on again, and its own
+    # vm.action.done (or the `started` that follows) settles the state.
+    "stopped": (("running", "ready", "stopping", "unknown"), "stopped"),
     "crashed": (("running", "ready", "unknown"), "error"),
 }
 
@@ -209,6 +213,194 @@ def on_delete_failed(session: Session, event: dict[str, Any],
     return []
 
 
+# -- actions on existing VMs (start, stop, reboot, force_off, resize, snapshots, rebuild) ----
+
+
+@dataclass(frozen=True)
+class ActionRule:
+    """When an action may start, and the state a VM shows while it runs."""
+
+    allowed: tuple[str, ...]
+    """VM states the action may be asked in (anything else is a 409 naming these)."""
+    during: str | None
+    """The transitional state set by the request's compare-and-set; None: the VM keeps its
+    state (the request still compare-and-sets it, on its version)."""
+
+
+ACTIONS: dict[str, ActionRule] = {
+    "start": ActionRule(("stopped", "error"), None),
+    "stop": ActionRule(("running", "ready"), "stopping"),
+    "reboot": ActionRule(("running", "ready"), "rebooting"),
+    # Also while a clean stop is still waiting for the guest.
+    "force_off": ActionRule(("running", "ready", "stopping", "error"), "stopping"),
+    "resize": ActionRule(("stopped",), "resizing"),
+    "snapshot_create": ActionRule(("running", "ready", "stopped"), "snapshotting"),
+    "snapshot_revert": ActionRule(("running", "ready", "stopped"), "snapshotting"),
+    "snapshot_delete": ActionRule(("running", "ready", "stopped"), "snapshotting"),
+    "rebuild": ActionRule(("running", "ready", "stopped", "error"), "building"),
+}
+"""Every action a VM accepts after its build, by the name used in the API, the job's kind
+and the `action` of ActionPayload."""
+
+CONCURRENT_ACTIONS = frozenset({"force_off"})
+"""Actions that may be asked while another action of the VM is still open."""
+
+
+def action_allowed(action: str, state: str) -> bool:
+    """Whether `action` may be asked of a VM in `state` (pure; the request re-checks it with
+    a compare-and-set)."""
+    rule = ACTIONS.get(action)
+    return rule is not None and state in rule.allowed
+
+
+def not_allowed_message(action: str, state: str) -> str:
+    """The 409's message: what the VM is, and which states allow the action."""
+    allowed = ACTIONS[action].allowed
+    names = " or ".join(f"`{s}`" for s in allowed)
+    return f"cannot {action.replace('_', ' ')} a VM that is `{state}`: {action} needs {names}"
+
+
+BOOTING_ACTIONS = frozenset({"start", "reboot", "rebuild", "snapshot_revert"})
+"""Actions after which a running guest is not (yet) `ready` again."""
+
+
+def settled_state(observed: str, previous: str, action: str = "") -> str | None:
+    """The VM state for what its host reports after an action: `running` keeps `ready` when
+    the VM was ready before and the action did not boot it (or bring back another moment);
+    None when the domain is in no state an action ends in."""
+    if observed == "running":
+        if previous == "ready" and action not in BOOTING_ACTIONS:
+            return "ready"
+        return "running"
+    if observed == "stopped":
+        return "stopped"
+    return None
+
+
+def settle_claim(session: Session, vm_id: str, vcpus: int, memory_mb: int,
+                 disk_gb: int) -> bool:
+    """Set a VM's claim to exactly this size, giving back (or, for undoing a failed send,
+    taking) the difference on its host. Only ever shrinks a claim in the scheduler: a resize
+    claims its growth up front, with the compare-and-set on the host's generation
+    (web/actionops.py). True if there was a claim."""
+    claim = session.scalars(select(Claim).where(Claim.vm_id == vm_id)).first()
+    if claim is None:
+        return False
+    dv, dm, dd = vcpus - claim.vcpus, memory_mb - claim.memory_mb, disk_gb - claim.disk_gb
+    if (dv, dm, dd) == (0, 0, 0):
+        return True
+    session.execute(
+        update(Host).where(Host.id == claim.host_id)
+        .values(used_vcpus=Host.used_vcpus + dv, used_memory_mb=Host.used_memory_mb + dm,
+                used_disk_gb=Host.used_disk_gb + dd, generation=Host.generation + 1)
+        .execution_options(synchronize_session=False))
+    claim.vcpus, claim.memory_mb, claim.disk_gb = vcpus, memory_mb, disk_gb
+    return True
+
+
+def action_request(session: Session, vm_id: str, job_id: str) -> dict[str, Any]:
+    """What the API recorded when it accepted the action (its vm.state event): the action,
+    the state before, the arguments. Sizes and names come from here, never from the host."""
+    if not job_id:
+        return {}
+    row = session.scalars(select(Event).where(Event.vm_id == vm_id, Event.job_id == job_id,
+                                              Event.type == c.EV_STATE)
+                          .order_by(Event.id).limit(1)).first()
+    return dict(row.data or {}) if row is not None else {}
+
+
+def _snapshot_row(session: Session, vm_id: str, name: str) -> Snapshot | None:
+    if not name:
+        return None
+    return session.scalars(select(Snapshot).where(Snapshot.vm_id == vm_id,
+                                                  Snapshot.name == name)).first()
+
+
+def on_action_done(session: Session, event: dict[str, Any],
+                   settings: Settings) -> list[Outgoing]:
+    vm_id, job_id, d = event["vm_id"], event["job_id"], event["data"]
+    req = action_request(session, vm_id, job_id)
+    action = req.get("action") or d.get("action", "")
+    args = req.get("args") or {}
+    rule = ACTIONS.get(action)
+    vm = session.get(VM, vm_id)
+    if vm is None or rule is None:
+        _job(session, job_id, state="done", step="", message=d.get("message", ""))
+        return []
+    previous = req.get("previous", "")
+    to = settled_state(d.get("state", ""), previous, action)
+    expect = (rule.during,) if rule.during else rule.allowed
+    if to is None:
+        transition(session, vm_id, expect, "error", step=action,
+                   reason=f"after {action} the domain is {d.get('state') or 'gone'}")
+    else:
+        transition(session, vm_id, expect, to)
+    if to == "stopped":
+        vm.addresses = []  # a stopped guest has none; its host reports them again on start
+    if action == "resize":
+        vm.vcpus = int(args.get("vcpus", vm.vcpus))
+        vm.memory_mb = int(args.get("memory_mb", vm.memory_mb))
+        vm.disk_gb = int(args.get("disk_gb", vm.disk_gb))
+        settle_claim(session, vm_id, vm.vcpus, vm.memory_mb, vm.disk_gb)
+    elif action == "snapshot_create":
+        snap = _snapshot_row(session, vm_id, args.get("name", ""))
+        if snap is not None:
+            snap.state, snap.state_reason = "ready", ""
+    elif action == "snapshot_delete":
+        session.execute(delete(Snapshot).where(Snapshot.vm_id == vm_id,
+                                               Snapshot.name == args.get("name", ""))
+                        .execution_options(synchronize_session=False))
+    elif action == "rebuild":
+        # A new disk: the old one's internal snapshots are gone with it.
+        session.execute(delete(Snapshot).where(Snapshot.vm_id == vm_id)
+                        .execution_options(synchronize_session=False))
+    _job(session, job_id, state="done", step="", message=d.get("message", ""))
+    return []
+
+
+def on_action_failed(session: Session, event: dict[str, Any],
+                     settings: Settings) -> list[Outgoing]:
+    vm_id, job_id, d = event["vm_id"], event["job_id"], event["data"]
+    req = action_request(session, vm_id, job_id)
+    action = req.get("action") or d.get("action", "")
+    args = req.get("args") or {}
+    reason = d.get("reason") or f"{action} failed"
+    step = d.get("step") or action
+    _job(session, job_id, state="failed", step=step, message=reason)
+    rule = ACTIONS.get(action)
+    vm = session.get(VM, vm_id)
+    if vm is None or rule is None:
+        return []
+    to = settled_state(d.get("state", ""), req.get("previous", ""), action)
+    expect = (rule.during,) if rule.during else rule.allowed
+    if to is None:
+        transition(session, vm_id, expect, "error", reason=reason, step=step)
+    else:
+        # The action did not happen; the VM is as its host sees it, the reason on the job.
+        transition(session, vm_id, expect, to)
+    if action == "resize":
+        settle_claim(session, vm_id, vm.vcpus, vm.memory_mb, vm.disk_gb)
+    elif action in ("snapshot_create", "snapshot_delete"):
+        snap = _snapshot_row(session, vm_id, args.get("name", ""))
+        if snap is not None:
+            snap.state, snap.state_reason = "error", reason
+    elif action == "rebuild" and d.get("disk_replaced"):
+        session.execute(delete(Snapshot).where(Snapshot.vm_id == vm_id)
+                        .execution_options(synchronize_session=False))
+    return []
+
+
+def on_addresses(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    """A host's view of a VM's IP addresses (DHCP leases, guest agent), sent on change."""
+    vm = session.get(VM, event["vm_id"])
+    if vm is None or (vm.host is not None and event["host"] and vm.host.name != event["host"]):
+        return []  # gone, or a late report from a host the VM has left
+    addresses = event["data"].get("addresses")
+    if isinstance(addresses, list):
+        vm.addresses = [a for a in addresses if isinstance(a, dict)]
+    return []
+
+
 HANDLERS = {
     c.EV_HEARTBEAT: on_heartbeat,
     c.EV_BUILD_STEP: on_build_step,
@@ -217,6 +409,9 @@ HANDLERS = {
     c.EV_LIFECYCLE: on_lifecycle,
     c.EV_DELETED: on_deleted,
     c.EV_DELETE_FAILED: on_delete_failed,
+    c.EV_ACTION_DONE: on_action_done,
+    c.EV_ACTION_FAILED: on_action_failed,
+    c.EV_ADDRESSES: on_addresses,
 }
 
 
@@ -251,6 +446,7 @@ def mark_silent_hosts_down(session: Session, settings: Settings,
             last = last.replace(tzinfo=UTC)
         if last is None or last < limit:
             host.alive = False
+            host.generation = Host.generation + 1  # cached copies of it must lose their CAS
             down.append(host.name)
             record(session, c.make_event(c.EV_HOST_DOWN, host=host.name))
             for vm in session.scalars(select(VM).where(VM.host_id == host.id)):

@@ -3,15 +3,23 @@
 Owns the decision only. It is given snapshots and a request and returns a ranking plus the
 per-filter counts (and, for a dry run, each host's verdict and scores); it never touches the
 store (claims.py does the claiming). Filters live in filters.py, weighers in weighers.py.
+
+Two paths give the same answer: the scalar one asks each filter `host_passes` per host and
+each weigher `weigh` per host (the definition, and what `explain` uses); the vectorized one
+asks `mask`/`weigh_all` once over a HostTable (numpy), falling back per host to the scalar
+method of any filter or weigher without a vectorized one. Same order, same removed counts,
+same scores.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from scheduler.filters import (
     DEFAULT_FILTERS,
@@ -24,7 +32,7 @@ from scheduler.filters import (
     ResourceFilter,
     ServerGroupFilter,
 )
-from scheduler.snapshot import HostSnapshot, Request
+from scheduler.snapshot import HostSnapshot, HostTable, Request
 from scheduler.weighers import (
     FewestBuildsWeigher,
     FreeRamWeigher,
@@ -37,13 +45,17 @@ from scheduler.weighers import (
 
 __all__ = ["DEFAULT_FILTERS", "DEFAULT_WEIGHERS", "AliveFilter", "ArchFilter",
            "EnabledFilter", "FewestBuildsWeigher", "Filter", "FreeRamWeigher",
-           "FreeVcpuWeigher", "HostSnapshot", "ImageCachedWeigher", "LabelFilter",
+           "FreeVcpuWeigher", "HostSnapshot", "HostTable", "ImageCachedWeigher", "LabelFilter",
            "MaxVMsFilter", "Ranking", "Request", "ResourceFilter", "ServerGroupFilter",
            "SoftGroupWeigher", "Weigher", "default_weighers", "rank"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHERS: tuple[Weigher, ...] = default_weighers("spread")
+
+VECTOR_MIN_HOSTS = 64
+"""From this many hosts a plain list is turned into a HostTable and ranked vectorized; below,
+the scalar path is faster than building the table."""
 
 
 @dataclass
@@ -69,9 +81,25 @@ def rank(hosts: Sequence[HostSnapshot], req: Request,
          filters: Sequence[Filter] = DEFAULT_FILTERS,
          weighers: Sequence[Weigher] = DEFAULT_WEIGHERS,
          top_random: int = 1, rng: random.Random | None = None,
-         explain: bool = False) -> Ranking:
+         explain: bool = False, vectorized: bool | None = None) -> Ranking:
     """Filter, weigh and order hosts; shuffle among the best `top_random` to spread the
-    contention of schedulers deciding at the same moment."""
+    contention of schedulers deciding at the same moment.
+
+    `hosts` may be a HostTable (built once, ranked many times). `vectorized` None picks the
+    path: the scalar one for `explain` and for short lists, the vectorized one otherwise.
+    """
+    if vectorized is None:
+        vectorized = not explain and (isinstance(hosts, HostTable)
+                                      or len(hosts) >= VECTOR_MIN_HOSTS)
+    if vectorized and not explain:
+        table = hosts if isinstance(hosts, HostTable) else HostTable(hosts)
+        return _rank_vectorized(table, req, filters, weighers, top_random, rng)
+    return _rank_scalar(hosts, req, filters, weighers, top_random, rng, explain)
+
+
+def _rank_scalar(hosts: Sequence[HostSnapshot], req: Request, filters: Sequence[Filter],
+                 weighers: Sequence[Weigher], top_random: int, rng: random.Random | None,
+                 explain: bool) -> Ranking:
     removed = {f.name: 0 for f in filters}
     survivors: list[HostSnapshot] = []
     verdicts: list[dict[str, Any]] = []
@@ -116,3 +144,76 @@ def rank(hosts: Sequence[HostSnapshot], req: Request,
                              "weights": {name: round(vals[i], 4)
                                          for name, vals in per_weigher.items()}})
     return Ranking(ranked, removed, scores, verdicts)
+
+
+_METHODS: dict[tuple[type, str, str], bool] = {}
+
+_min, _max = np.minimum.reduce, np.maximum.reduce
+
+
+def _own_method(obj: object, fast: str, slow: str) -> Callable[..., Any] | None:
+    """`obj.fast` if its class defines it no higher up than `slow`: a subclass that overrides
+    `host_passes`/`weigh` without its vectorized twin falls back to the scalar method."""
+    key = (type(obj), fast, slow)
+    usable = _METHODS.get(key)
+    if usable is None:
+        mro = type(obj).__mro__
+        fast_at = next((i for i, k in enumerate(mro) if fast in k.__dict__), None)
+        slow_at = next((i for i, k in enumerate(mro) if slow in k.__dict__), None)
+        usable = _METHODS[key] = fast_at is not None and (slow_at is None or fast_at <= slow_at)
+    return getattr(obj, fast) if usable else None  # type: ignore[no-any-return]
+
+
+def _rank_vectorized(table: HostTable, req: Request, filters: Sequence[Filter],
+                     weighers: Sequence[Weigher], top_random: int,
+                     rng: random.Random | None) -> Ranking:
+    snaps = table.snapshots
+    removed = {f.name: 0 for f in filters}
+    remaining = np.ones(len(table), dtype=bool)
+    left = len(table)
+    debug = log.isEnabledFor(logging.DEBUG)
+    for flt in filters:
+        if not left:
+            break
+        mask = _own_method(flt, "mask", "host_passes")
+        if mask is not None:
+            passes = np.asarray(mask(table, req), dtype=bool)
+        else:
+            passes = np.ones(len(table), dtype=bool)
+            for i in np.flatnonzero(remaining).tolist():
+                passes[i] = bool(flt.host_passes(snaps[i], req))
+        kept = remaining & passes
+        still = int(np.count_nonzero(kept))
+        if still != left:
+            removed[flt.name] += left - still
+            if debug:
+                for i in np.flatnonzero(remaining & ~passes).tolist():
+                    log.debug("host %s fails filter %s: %s", snaps[i].name, flt.name,
+                              flt.why(snaps[i], req))
+            remaining, left = kept, still
+    if not left:
+        return Ranking([], removed, {}, [])
+    # Survivors in name order: a stable sort on the score then breaks ties by name.
+    idx = table.name_order[remaining[table.name_order]]
+    totals = np.zeros(idx.size, dtype=np.float64)
+    for w in weighers:
+        if w.multiplier == 0:
+            continue
+        weigh_all = _own_method(w, "weigh_all", "weigh")
+        if weigh_all is not None:
+            raw = np.asarray(weigh_all(table, req), dtype=np.float64)[idx]
+        else:
+            raw = np.array([w.weigh(snaps[i], req) for i in idx.tolist()], dtype=np.float64)
+        lo, hi = _min(raw), _max(raw)
+        if hi == lo:
+            continue  # all 0.0 after normalising: adds nothing
+        totals += w.multiplier * ((raw - lo) / (hi - lo))
+    order = np.argsort(-totals, kind="stable")
+    chosen = idx[order]
+    ranked: list[HostSnapshot] = table.snapshot_array[chosen].tolist()
+    scores = dict(zip(table.name_array[chosen].tolist(), totals[order].tolist()))  # noqa: B905
+    if top_random > 1:
+        head = ranked[:top_random]
+        (rng or random).shuffle(head)
+        ranked[:top_random] = head
+    return Ranking(ranked, removed, scores, [])

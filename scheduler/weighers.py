@@ -2,14 +2,24 @@
 them to 0..1 across the candidates and multiplies by the weigher's multiplier.
 
 A negative multiplier inverts a preference: `free_ram` with -1.0 packs instead of spreading.
+`weigh(host, req)` defines a weigher; it may also offer `weigh_all(table, req)`, the raw number
+of every host of a HostTable as a float64 array, which `rank` uses for speed (falling back to
+`weigh` per host for a weigher without one). The two must agree exactly.
 """
 
 from __future__ import annotations
 
-from scheduler.snapshot import HostSnapshot, Request
+import numpy as np
+
+from scheduler.snapshot import HostSnapshot, HostTable, Request
 
 
 class Weigher:
+    """One preference among hosts that can all take the VM.
+
+    Optional: `weigh_all(self, table: HostTable, req: Request) -> np.ndarray` (float64 per host).
+    """
+
     name = "weigher"
 
     def __init__(self, multiplier: float = 1.0) -> None:
@@ -27,12 +37,18 @@ class FreeRamWeigher(Weigher):
     def weigh(self, host: HostSnapshot, req: Request) -> float:
         return host.free_memory_mb
 
+    def weigh_all(self, table: HostTable, req: Request) -> np.ndarray:
+        return table.free_memory_mb
+
 
 class FreeVcpuWeigher(Weigher):
     name = "free_vcpus"
 
     def weigh(self, host: HostSnapshot, req: Request) -> float:
         return host.free_vcpus
+
+    def weigh_all(self, table: HostTable, req: Request) -> np.ndarray:
+        return table.free_vcpus
 
 
 class ImageCachedWeigher(Weigher):
@@ -43,6 +59,11 @@ class ImageCachedWeigher(Weigher):
     def weigh(self, host: HostSnapshot, req: Request) -> float:
         return 1.0 if req.image_sha256 and req.image_sha256 in host.cached_images else 0.0
 
+    def weigh_all(self, table: HostTable, req: Request) -> np.ndarray:
+        if not req.image_sha256:
+            return np.zeros(len(table), dtype=np.float64)
+        return table.image_mask(req.image_sha256).astype(np.float64)
+
 
 class FewestBuildsWeigher(Weigher):
     """Fewer builds in progress weighs more (a busy host builds slower)."""
@@ -51,6 +72,9 @@ class FewestBuildsWeigher(Weigher):
 
     def weigh(self, host: HostSnapshot, req: Request) -> float:
         return -float(host.builds)
+
+    def weigh_all(self, table: HostTable, req: Request) -> np.ndarray:
+        return -table.builds
 
 
 class SoftGroupWeigher(Weigher):
@@ -63,6 +87,12 @@ class SoftGroupWeigher(Weigher):
         if req.group_hard or req.group_policy is None:
             return 0.0
         members = float(req.group_hosts.get(host.name, 0))
+        return members if req.group_policy == "affinity" else -members
+
+    def weigh_all(self, table: HostTable, req: Request) -> np.ndarray:
+        if req.group_hard or req.group_policy is None:
+            return np.zeros(len(table), dtype=np.float64)
+        members = table.name_values(req.group_hosts)
         return members if req.group_policy == "affinity" else -members
 
 

@@ -52,10 +52,12 @@ def create_app(test_config: dict[str, Any] | None = None,
 
     api = Api(app)
     from web import errors
-    from web.api import events, groups, hosts, images, jobs, placement, projects, vms
-    for bp in (images.blp, vms.blp, hosts.blp, jobs.blp, events.blp, groups.blp,
+    from web.api import console, events, groups, hosts, images, jobs, placement, projects, vms
+    for bp in (images.blp, vms.blp, console.blp, hosts.blp, jobs.blp, events.blp, groups.blp,
                projects.blp, placement.blp):
         api.register_blueprint(bp, url_prefix="/api/v1")
+    from web.api import actions
+    api.register_blueprint(actions.blp, url_prefix="/api/v1")
     errors.register(app)
 
     from web import views

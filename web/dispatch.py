@@ -18,7 +18,11 @@ from fleet.config import Settings
 class Dispatcher(Protocol):
     def build(self, host: str, payload: dict[str, Any]) -> None: ...
     def delete(self, host: str, payload: dict[str, Any]) -> None: ...
+    def action(self, host: str, payload: dict[str, Any]) -> None: ...
     def console_log(self, host: str, vm_id: str, max_bytes: int) -> str: ...
+    def inspect_image(self, image_id: str) -> None: ...
+    def prewarm(self, host: str, payload: dict[str, Any]) -> None: ...
+    def console_info(self, host: str, vm_id: str) -> dict[str, Any]: ...
 
 
 class CeleryDispatcher:
@@ -31,12 +35,32 @@ class CeleryDispatcher:
     def delete(self, host: str, payload: dict[str, Any]) -> None:
         self.app.send_task(c.TASK_DELETE_VM, args=[payload], queue=c.host_queue(host))
 
+    def action(self, host: str, payload: dict[str, Any]) -> None:
+        self.app.send_task(c.TASK_VM_ACTION, args=[payload], queue=c.host_queue(host))
+
+    def inspect_image(self, image_id: str) -> None:
+        self.app.send_task(c.TASK_INSPECT_IMAGE, args=[{"image_id": image_id}],
+                           queue=c.CONTROL_QUEUE)
+
+    def prewarm(self, host: str, payload: dict[str, Any]) -> None:
+        self.app.send_task(c.TASK_PREWARM_IMAGE, args=[payload], queue=c.host_queue(host))
+
     def console_log(self, host: str, vm_id: str, max_bytes: int) -> str:
         result = self.app.send_task(c.TASK_CONSOLE_LOG, args=[vm_id, max_bytes],
                                     queue=c.host_queue(host), ignore_result=False,
                                     expires=10)
         try:
             return str(result.get(timeout=10))
+        except CeleryTimeout:
+            raise TimeoutError(f"host {host} did not answer") from None
+        finally:
+            result.forget()
+
+    def console_info(self, host: str, vm_id: str) -> dict[str, Any]:
+        result = self.app.send_task(c.TASK_CONSOLE_INFO, args=[vm_id],
+                                    queue=c.host_queue(host), ignore_result=False, expires=10)
+        try:
+            return dict(result.get(timeout=10))
         except CeleryTimeout:
             raise TimeoutError(f"host {host} did not answer") from None
         finally:

@@ -100,6 +100,9 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
     names = vm_names(data["name"], data.get("count", 1))
     with store.session() as s:
         image = find_image(s, data["image"], who)
+        if image.status != "active":
+            raise Conflict(f"image '{image.name}' is {image.status}, not active"
+                           + (f": {image.status_reason}" if image.status_reason else ""))
         group = find_group(s, data["server_group"], who) if data.get("server_group") else None
         taken = s.scalars(select(VM.name).where(VM.project_id == who.project_id,
                                                 VM.name.in_(names))).all()

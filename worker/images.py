@@ -1,7 +1,8 @@
 """Disk images through qemu-img: the only module that runs ``qemu-img``.
 
-Owns: overlay creation (qcow2 backed by a cached base), image inspection, conversion
-and growth. Every call names the image format (``-f``, and ``-F`` for a backing file),
+Owns: overlay creation (qcow2 backed by a cached base), image inspection (``info`` runs
+under a time and a memory limit; :func:`check_untrusted` judges an uploaded image),
+conversion and growth. Every call names the image format (``-f``, and ``-F`` for a backing file),
 so qemu-img never probes a format from untrusted content; paths are made absolute so
 a name can never be read as an option or a protocol prefix.
 
@@ -34,6 +35,14 @@ RESIZE_TIMEOUT = 120.0
 CONVERT_TIMEOUT = 3600.0
 """Seconds allowed for ``qemu-img convert`` (whole-image copies can be large)."""
 
+INFO_MEMORY_LIMIT = 1024**3
+"""Address space (bytes) allowed to ``qemu-img info``: a crafted image header (huge L1 or
+refcount tables) must fail the call, not take the machine's memory."""
+
+CONVERT_MEMORY_LIMIT = 2 * 1024**3
+"""Address space (bytes) allowed to ``qemu-img convert`` of an untrusted image (its I/O
+threads need a few hundred MiB of address space; 512 MiB is too little)."""
+
 FORMATS = frozenset({"qcow2", "raw", "vmdk", "vdi", "vpc", "vhdx", "qed"})
 """Image formats this module accepts by name."""
 
@@ -64,9 +73,51 @@ def info(path: Path, fmt: str) -> dict[str, Any]:
     """
     proc = run(
         [QEMU_IMG, "info", "--output=json", "--force-share", "-f", _fmt(fmt), _abs(path)],
-        timeout=INFO_TIMEOUT,
+        timeout=INFO_TIMEOUT, memory_limit=INFO_MEMORY_LIMIT,
     )
     return json.loads(proc.stdout)
+
+
+def backing_file(path: Path) -> str | None:
+    """The backing file a qcow2 image names (as written in it), or None."""
+    data = info(path, "qcow2")
+    name = data.get("full-backing-filename") or data.get("backing-filename")
+    return str(name) if name else None
+
+
+class UnsafeImage(ValueError):
+    """``qemu-img info`` shows an image virtfleet refuses; the message is safe to show."""
+
+
+def check_untrusted(path: Path, fmt: str, max_virtual_bytes: int) -> dict[str, Any]:
+    """``qemu-img info`` of an uploaded image read as ``fmt`` (pinned from its header),
+    under the time and memory limits; raises :class:`UnsafeImage` when it names another
+    file (backing file, external data file), is encrypted or marked corrupt, is not the
+    pinned format, or is larger than ``max_virtual_bytes``. Returns the info.
+
+    The caller must have refused, from the header alone, anything that makes qemu open
+    another file while merely reading the image (an external data file): ``info`` opens
+    no backing file (qemu-img info never does without ``--backing-chain``).
+    """
+    data = info(path, fmt)
+    if data.get("format") != fmt:
+        raise UnsafeImage(f"the image does not read as {fmt}")
+    if data.get("backing-filename") or data.get("full-backing-filename"):
+        raise UnsafeImage("images with a backing file are refused")
+    specific = (data.get("format-specific") or {}).get("data") or {}
+    if specific.get("data-file") or specific.get("data-file-raw"):
+        raise UnsafeImage("images with an external data file are refused")
+    if data.get("encrypted") or specific.get("encrypt"):
+        raise UnsafeImage("encrypted images are refused")
+    if specific.get("corrupt"):
+        raise UnsafeImage("the image is marked corrupt")
+    size = int(data.get("virtual-size") or 0)
+    if size <= 0:
+        raise UnsafeImage("the image has no virtual size")
+    if size > max_virtual_bytes:
+        raise UnsafeImage(f"the image's virtual size ({size} bytes) is above the limit of "
+                          f"{max_virtual_bytes} bytes")
+    return data
 
 
 def virtual_size(path: Path, fmt: str) -> int:
@@ -108,6 +159,20 @@ def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str = "qcow2") -> None:
     run(
         [QEMU_IMG, "convert", "-f", _fmt(src_fmt), "-O", _fmt(dst_fmt), _abs(src), _abs(dst)],
         timeout=CONVERT_TIMEOUT,
+    )
+
+
+def convert_untrusted(src: Path, src_fmt: str, dst: Path, *,
+                      timeout: float = CONVERT_TIMEOUT, flush: bool = True) -> None:
+    """Like :func:`convert` to qcow2, for an uploaded image: under a memory limit, and the
+    output never backed by anything (``-B`` is never passed, and an image with a backing
+    file must have been refused before). With ``flush=False`` qemu-img does not sync the
+    output (``-t unsafe``): the caller must fsync it before relying on it."""
+    cache = [] if flush else ["-t", "unsafe"]
+    run(
+        [QEMU_IMG, "convert", *cache, "-f", _fmt(src_fmt), "-O", "qcow2", _abs(src),
+         _abs(dst)],
+        timeout=timeout, memory_limit=CONVERT_MEMORY_LIMIT,
     )
 
 

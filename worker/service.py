@@ -14,7 +14,9 @@ from typing import Any
 from fleet import contract as c
 from fleet.celery_app import make_celery
 from fleet.config import Settings
-from worker import build, tasks
+from worker import build, cache, tasks
+from worker import console as console_server
+from worker.addresses import AddressReporter
 from worker.domain import HostSettings
 from worker.heartbeat import domain_states, heartbeat_data
 from worker.sysinfo import detect_virt_type, host_arch
@@ -48,10 +50,13 @@ def run(settings: Settings) -> None:
         app.send_task(c.TASK_EVENT, args=[event], queue=c.CONTROL_QUEUE)
 
     ctx = build.HostContext(virt=virt, host=host, host_token=settings.host_token, emit=emit)
-    tasks.register(app, ctx)
+    gc_wake = threading.Event()
+    tasks.register(app, ctx, after_delete=gc_wake.set)
     stop = threading.Event()
 
     known: dict[str, dict[str, str]] = {"domains": {}}
+    addresses = AddressReporter(virt, emit, interval=2.0,  # vm.addresses, on change only
+                                storage_dir=host.storage_dir)
 
     def inventory() -> None:
         # Apart from the beat: listing domains waits while libvirt destroys one (seconds),
@@ -63,6 +68,10 @@ def run(settings: Settings) -> None:
                 known["domains"] = domain_states(virt)
             except Exception:  # noqa: BLE001 - the next round tries again
                 log.exception("listing domains failed")
+            try:
+                addresses.poll()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("reading VM addresses failed")
             if stop.wait(settings.heartbeat_interval):
                 return
 
@@ -81,6 +90,27 @@ def run(settings: Settings) -> None:
         if dom_name.startswith("vf-") and uuid not in ctx.building:
             emit(c.EV_LIFECYCLE, vm_id=uuid, event=event, detail=detail)
 
+    console = None
+    if settings.console_bind:
+        try:
+            console = console_server.ConsoleServer(settings).start()
+        except Exception as exc:  # noqa: BLE001 - the host still builds VMs without it
+            log.error("no interactive console on this host: %s", exc)
+    console_server.register(app, console, virt.state)
+
+    def cache_gc() -> None:
+        # Every cache_gc_interval seconds, and soon after a VM is deleted.
+        while not stop.is_set():
+            gc_wake.wait(settings.cache_gc_interval)
+            gc_wake.clear()
+            if stop.is_set():
+                return
+            try:
+                cache.collect_garbage(settings.storage_dir, settings.cache_max_bytes)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("base-image cache clean-up failed")
+
+    threading.Thread(target=cache_gc, name="cache-gc", daemon=True).start()
     threading.Thread(target=inventory, name="inventory", daemon=True).start()
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
     listener = LifecycleListener(settings.libvirt_uri, on_lifecycle).start()
@@ -91,4 +121,7 @@ def run(settings: Settings) -> None:
                          "--without-gossip", "--without-mingle", "--without-heartbeat"])
     finally:
         stop.set()
+        gc_wake.set()
         listener.stop()
+        if console is not None:
+            console.stop()

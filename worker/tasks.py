@@ -6,18 +6,20 @@ Registered only in the `virtfleet worker` process, which consumes `host.<name>`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 
 from fleet import contract as c
 from fleet.exceptions import BuildError
-from worker import build
+from worker import actions, build, cache
 
 log = logging.getLogger(__name__)
 
 
-def register(app: Celery, ctx: build.HostContext) -> None:
+def register(app: Celery, ctx: build.HostContext,
+             after_delete: Callable[[], None] | None = None) -> None:
     @app.task(name=c.TASK_BUILD_VM, acks_late=True, ignore_result=True)
     def build_vm(payload: dict[str, Any]) -> None:
         vm_id, job_id = payload["vm"]["id"], payload["job_id"]
@@ -40,6 +42,23 @@ def register(app: Celery, ctx: build.HostContext) -> None:
                      reason=build.scrub(f"delete failed: {exc}"))
             return
         ctx.emit(c.EV_DELETED, vm_id=vm_id, job_id=job_id, state="deleted")
+        if after_delete is not None:
+            after_delete()  # e.g. wake the base-image cache clean-up
+
+    @app.task(name=c.TASK_PREWARM_IMAGE, acks_late=True, ignore_result=True)
+    def prewarm_image(payload: dict[str, Any]) -> None:
+        image = payload["image"]
+        try:
+            cache.ensure_base(ctx.host.storage_dir, image, ctx.host_token)
+        except cache.CacheError as exc:
+            ctx.emit(c.EV_IMAGE_CACHE_FAILED, image_id=image.get("id", ""),
+                     sha256=image.get("sha256", ""), reason=build.scrub(str(exc)))
+            return
+        ctx.emit(c.EV_IMAGE_CACHED, image_id=image.get("id", ""), sha256=image["sha256"])
+
+    @app.task(name=c.TASK_VM_ACTION, acks_late=True, ignore_result=True)
+    def vm_action(payload: dict[str, Any]) -> None:
+        actions.run(ctx, payload)
 
     @app.task(name=c.TASK_CONSOLE_LOG, ignore_result=False, acks_late=False)
     def console_log(vm_id: str, max_bytes: int) -> str:

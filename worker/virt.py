@@ -279,6 +279,162 @@ class Virt:
             out.append(entry)
         return out
 
+    # -- actions (start, stop, snapshots, addresses) --------------------------------
+
+    def _domain(self, uuid: str) -> libvirt.virDomain:
+        dom = self._lookup(uuid)
+        if dom is None:
+            raise VirtError(f"domain {uuid} is not defined on this host",
+                            libvirt.VIR_ERR_NO_DOMAIN)
+        return dom
+
+    def is_active(self, uuid: str) -> bool:
+        """Whether domain ``uuid`` runs (False when it is off or absent)."""
+        dom = self._lookup(uuid)
+        if dom is None:
+            return False
+        try:
+            return bool(dom.isActive())
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise VirtError(f"state of domain {uuid}: {exc.get_error_message()}",
+                            _code(exc)) from None
+
+    def start(self, uuid: str) -> bool:
+        """Start defined domain ``uuid``; False if it was already running."""
+        dom = self._domain(uuid)
+        with _errors(f"start of domain {uuid}"):
+            if dom.isActive():
+                return False
+            try:
+                dom.create()
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID or not dom.isActive():
+                    raise
+                return False
+        return True
+
+    def shutdown(self, uuid: str) -> None:
+        """Ask the guest to power off (guest agent if it answers, else the ACPI power
+        button); returns at once. A domain already off is left alone."""
+        dom = self._domain(uuid)
+        with _errors(f"shutdown of domain {uuid}"):
+            try:
+                dom.shutdown()
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID or dom.isActive():
+                    raise
+
+    def destroy(self, uuid: str) -> bool:
+        """Power domain ``uuid`` off at once (kept defined); False if it was not running."""
+        dom = self._domain(uuid)
+        with _errors(f"power off of domain {uuid}"):
+            if not dom.isActive():
+                return False
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID or dom.isActive():
+                    raise
+                return False
+        return True
+
+    def xml(self, uuid: str, inactive: bool = True) -> str:
+        """Domain ``uuid``'s XML: its persistent definition (``inactive``) or the live one."""
+        dom = self._domain(uuid)
+        with _errors(f"XML of domain {uuid}"):
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
+
+    def define(self, xml: str) -> None:
+        """(Re)define a domain from finished ``xml`` without starting it."""
+        uuid = _uuid_of(xml)
+        with _errors(f"define of domain {uuid}"):
+            self._connection().defineXML(xml)
+
+    def snapshot_create(self, uuid: str, xml: str) -> str:
+        """Create a snapshot of domain ``uuid`` from finished ``<domainsnapshot>`` ``xml``;
+        returns its state (``running`` with memory, ``shutoff`` disk only)."""
+        dom = self._domain(uuid)
+        with _errors(f"snapshot of domain {uuid}"):
+            snap = dom.snapshotCreateXML(xml, 0)
+            state = ET.fromstring(snap.getXMLDesc(0)).findtext("state")
+        return (state or "").strip()
+
+    def snapshot_names(self, uuid: str) -> list[str]:
+        """Names of domain ``uuid``'s snapshots, oldest first."""
+        dom = self._domain(uuid)
+        with _errors(f"snapshots of domain {uuid}"):
+            snaps = dom.listAllSnapshots(0)
+            dated = []
+            for snap in snaps:
+                created = ET.fromstring(snap.getXMLDesc(0)).findtext("creationTime") or "0"
+                dated.append((int(created), snap.getName()))
+        return [name for _, name in sorted(dated)]
+
+    def snapshot_current(self, uuid: str) -> str | None:
+        """Name of domain ``uuid``'s current snapshot (the last made or reverted to)."""
+        dom = self._domain(uuid)
+        with _errors(f"current snapshot of domain {uuid}"):
+            if not dom.hasCurrentSnapshot(0):
+                return None
+            return str(dom.snapshotCurrent(0).getName())
+
+    def _snapshot(self, dom: libvirt.virDomain, name: str) -> libvirt.virDomainSnapshot | None:
+        try:
+            return dom.snapshotLookupByName(name, 0)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                return None
+            raise VirtError(f"snapshot {name}: {exc.get_error_message()}", _code(exc)) from None
+
+    def snapshot_exists(self, uuid: str, name: str) -> bool:
+        return self._snapshot(self._domain(uuid), name) is not None
+
+    def snapshot_revert(self, uuid: str, name: str) -> None:
+        """Bring domain ``uuid`` back to snapshot ``name``: disk, definition and, for a
+        snapshot of a running guest, its memory (the domain then runs)."""
+        dom = self._domain(uuid)
+        snap = self._snapshot(dom, name)
+        if snap is None:
+            raise VirtError(f"domain {uuid} has no snapshot {name!r}",
+                            libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT)
+        with _errors(f"revert of domain {uuid} to {name}"):
+            dom.revertToSnapshot(snap, 0)
+
+    def snapshot_delete(self, uuid: str, name: str) -> bool:
+        """Delete snapshot ``name`` of domain ``uuid`` (its data in the disk and its
+        metadata); False if there was none."""
+        dom = self._domain(uuid)
+        snap = self._snapshot(dom, name)
+        if snap is None:
+            return False
+        with _errors(f"delete of snapshot {name} of domain {uuid}"):
+            try:
+                snap.delete(0)
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                    raise
+                return False
+        return True
+
+    def interface_addresses(self, uuid: str, source: str) -> list[dict[str, Any]]:
+        """IP addresses of running domain ``uuid`` as ``source`` sees them: ``lease`` (the
+        libvirt network's DHCP leases) or ``agent`` (the guest agent; raises VirtError with
+        ``VIR_ERR_AGENT_UNRESPONSIVE`` when none answers). ``[{ip, prefix, mac, family}]``."""
+        sources = {"lease": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+                   "agent": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT}
+        dom = self._domain(uuid)
+        with _errors(f"{source} addresses of domain {uuid}"):
+            found = dom.interfaceAddresses(sources[source], 0) or {}
+        out = []
+        for iface in found.values():
+            for addr in iface.get("addrs") or []:
+                family = "ipv6" if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV6 else "ipv4"
+                out.append({"ip": addr.get("addr"), "prefix": addr.get("prefix"),
+                            "mac": iface.get("hwaddr") or "", "family": family})
+        return out
+
 
 # ------------------------------------------------------------------ lifecycle events
 
@@ -453,3 +609,182 @@ class LifecycleListener:
                     break
             self.connected.clear()
             self._disconnect(conn, cb_id)
+
+
+# ------------------------------------------------------------------ serial console
+
+ConsoleDataCallback = Callable[[bytes], None]
+"""``on_data(chunk)``: bytes the guest wrote to its serial console."""
+
+ConsoleCloseCallback = Callable[[str], None]
+"""``on_close(reason)``: the console ended on libvirt's side (once; not after ``close()``)."""
+
+_CONSOLE_OPEN_STATES = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED,
+                        libvirt.VIR_DOMAIN_PAUSED)
+"""Domain states whose serial console can be opened."""
+
+
+class ConsoleUnavailable(VirtError):
+    """The domain is not on this host (``absent``) or not running (``not_running``)."""
+
+    def __init__(self, message: str, why: str, code: int) -> None:
+        super().__init__(message, code)
+        self.why = why
+
+
+class ConsoleStream:
+    """A domain's serial console as a non-blocking byte pipe (see :func:`open_console`).
+
+    libvirt's console stream in ``VIR_STREAM_NONBLOCK`` mode, driven by the process-wide
+    libvirt event loop the way ``virsh console`` drives it: every ``recv``/``send`` runs on the
+    event loop thread, in the stream's event callback. ``write``, ``set_reading``,
+    ``pending_output`` and ``close`` may be called from any thread; ``on_data`` and
+    ``on_close`` run on the event loop thread (keep them short, never block in them).
+    """
+
+    READ_CHUNK = 64 * 1024
+    """Most bytes taken from the stream per ``recv``."""
+
+    READS_PER_EVENT = 16
+    """Most ``recv`` calls per event, so one chatty console cannot starve the loop."""
+
+    def __init__(self, stream: Any, on_data: ConsoleDataCallback,
+                 on_close: ConsoleCloseCallback) -> None:
+        self._stream = stream
+        self._on_data = on_data
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._out = bytearray()
+        self._reading = True
+        self._closed = False
+
+    def _events(self) -> int:
+        events = libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+        if self._reading:
+            events |= libvirt.VIR_STREAM_EVENT_READABLE
+        if self._out:
+            events |= libvirt.VIR_STREAM_EVENT_WRITABLE
+        return events
+
+    def _start(self) -> None:
+        with self._lock:
+            self._stream.eventAddCallback(self._events(), self._on_event, None)
+
+    def _on_event(self, stream: Any, events: int, _opaque: Any) -> None:
+        chunks: list[bytes] = []
+        reason = ""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if events & libvirt.VIR_STREAM_EVENT_READABLE and self._reading:
+                    for _ in range(self.READS_PER_EVENT):
+                        got = stream.recv(self.READ_CHUNK)
+                        if got == -2:  # nothing more for now
+                            break
+                        if not got:
+                            reason = "the console ended (the guest stopped or libvirt closed it)"
+                            break
+                        chunks.append(got)
+                if not reason and events & libvirt.VIR_STREAM_EVENT_WRITABLE and self._out:
+                    sent = stream.send(bytes(self._out))
+                    if sent != -2:
+                        del self._out[:sent]
+                if not reason and events & (libvirt.VIR_STREAM_EVENT_ERROR
+                                            | libvirt.VIR_STREAM_EVENT_HANGUP):
+                    reason = "the console stream hung up"
+            except libvirt.libvirtError as exc:
+                reason = f"the console stream failed: {exc.get_error_message() or exc}"
+            if reason:
+                self._shutdown_locked()
+            else:
+                with suppress(libvirt.libvirtError):
+                    stream.eventUpdateCallback(self._events())
+        for chunk in chunks:
+            self._call(self._on_data, chunk)
+        if reason:
+            self._call(self._on_close, reason)
+
+    @staticmethod
+    def _call(fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            fn(arg)
+        except Exception:  # never into libvirt's dispatcher
+            log.exception("console callback failed")
+
+    def _shutdown_locked(self) -> None:
+        self._closed = True
+        self._out.clear()
+        # As virsh does: the callback goes first (a non-blocking stream needs that before
+        # abort), then the stream is aborted, which also tells libvirtd to let go of the pty.
+        with suppress(libvirt.libvirtError):
+            self._stream.eventRemoveCallback()
+        with suppress(libvirt.libvirtError):
+            self._stream.abort()
+
+    def write(self, data: bytes) -> bool:
+        """Queue ``data`` for the guest; False if the console is already closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            if data:
+                self._out += data
+                with suppress(libvirt.libvirtError):
+                    self._stream.eventUpdateCallback(self._events())
+            return True
+
+    def pending_output(self) -> int:
+        """Bytes written but not yet taken by libvirt."""
+        with self._lock:
+            return len(self._out)
+
+    def set_reading(self, reading: bool) -> None:
+        """Pause (False) or resume (True) reading from the guest: backpressure for slow readers."""
+        with self._lock:
+            if self._closed or self._reading == reading:
+                return
+            self._reading = reading
+            with suppress(libvirt.libvirtError):
+                self._stream.eventUpdateCallback(self._events())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Let go of the console (idempotent). Blocks for one round trip to libvirtd, so
+        call it off any event loop; ``on_close`` is not called for it."""
+        with self._lock:
+            if not self._closed:
+                self._shutdown_locked()
+
+
+def open_console(virt: Virt, uuid: str, on_data: ConsoleDataCallback,
+                 on_close: ConsoleCloseCallback, *, force: bool = False) -> ConsoleStream:
+    """Open the serial console of running domain ``uuid`` (virDomainOpenConsole).
+
+    libvirt allows one console session per domain: with ``force`` an existing session is
+    cut off and this one takes over, without it opening fails while another is open.
+    Blocks for a round trip to libvirtd. Raises ConsoleUnavailable when the domain is not
+    here or not running, VirtError when libvirt fails.
+    """
+    _ensure_event_loop()
+    dom = virt._lookup(uuid)
+    if dom is None:
+        raise ConsoleUnavailable(f"domain {uuid} is not on this host", "absent",
+                                 libvirt.VIR_ERR_NO_DOMAIN)
+    with _errors(f"console of domain {uuid}"):
+        state = dom.state()[0]
+        if state not in _CONSOLE_OPEN_STATES:
+            raise ConsoleUnavailable(f"domain {uuid} is {STATES.get(state, 'not running')}",
+                                     "not_running", libvirt.VIR_ERR_OPERATION_INVALID)
+        stream = dom.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
+        try:
+            dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else 0)
+            console = ConsoleStream(stream, on_data, on_close)
+            console._start()
+        except BaseException:
+            with suppress(libvirt.libvirtError):
+                stream.abort()
+            raise
+    return console

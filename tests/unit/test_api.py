@@ -23,6 +23,7 @@ from fleet.proc import run
 from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Event, Host, Image, Job, Project
 from fleet.store.session import Store
+from scheduler.imagejobs import inspect_image
 from web import create_app
 from web.auth import create_token
 
@@ -51,6 +52,16 @@ class Recorder:
     def console_log(self, host: str, vm_id: str, max_bytes: int) -> str:
         self.calls.append(("console_log", host, (vm_id, max_bytes)))
         return self.console
+
+    def inspect_image(self, image_id: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.calls.append(("inspect_image", "control", image_id))
+
+    def prewarm(self, host: str, payload: dict[str, Any]) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.calls.append(("prewarm", host, payload))
 
 
 @dataclass
@@ -382,8 +393,16 @@ def test_admin_registers_a_local_qcow2(env: Env, tmp_path: Path) -> None:
     src = qcow2(tmp_path / "base.qcow2")
     resp = env.call("POST", "/api/v1/images", who="root",
                     json={"name": "base", "source": str(src)})
-    assert resp.status_code == 201, resp.get_json()
+    # Registration is asynchronous: 202 with the image `importing`, its inspection sent to
+    # the control plane; run that job here as the scheduler would.
+    assert resp.status_code == 202, resp.get_json()
+    assert resp.get_json()["status"] == "importing"
+    image_id = resp.get_json()["id"]
+    assert env.dispatcher.calls == [("inspect_image", "control", image_id)]
+    inspect_image(env.store, env.app.extensions["virtfleet.settings"], image_id)
+    resp = env.call("GET", f"/api/v1/images/{image_id}", who="root")
     body = resp.get_json()
+    assert body["status"] == "active"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     assert body["sha256"] == digest
     assert body["disk_format"] == "qcow2"

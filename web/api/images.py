@@ -1,25 +1,68 @@
-"""/api/v1/images: register (from an http(s) URL, or a controller path for admins), list,
-show, and the data download hosts use to fill their caches."""
+"""/api/v1/images: register (from an http(s) URL, an uploaded body, or a controller path for
+admins), list, show, pre-warm on hosts, and the data download hosts use to fill their caches.
+
+Registration is asynchronous: the web streams the file into `<state_dir>/imports/`, checks its
+header (refusals are answered 422 at once), writes the image `importing` and sends
+TASK_INSPECT_IMAGE to the control queue; the control plane's image job (scheduler/imagejobs.py)
+runs qemu-img, converts raw to qcow2 and makes it `active` (or `error`, with the reason). The
+answer is 202 with the importing image; 201 with an active one when the very same qcow2 bytes
+are already an active image (nothing left to inspect).
+"""
 
 from __future__ import annotations
 
-from flask import current_app, send_file
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flask import current_app, request, send_file
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from fleet.exceptions import Conflict, NotFound
-from fleet.store.models import Image, Project
-from web.api.schemas import ImageCreateSchema, ImageSchema
-from web.auth import Principal, current, login_required
-from web.imports import import_source
+from fleet.exceptions import Conflict, NotFound, VirtfleetError
+from fleet.store.models import Host, Image, Project, new_id
+from web.api.schemas import (
+    ImageCreateSchema,
+    ImageSchema,
+    ImageUploadQuerySchema,
+    PrewarmAcceptedSchema,
+    PrewarmSchema,
+)
+from web.auth import Principal, current, login_required, require_admin
+from web.imports import (
+    ImageTooLarge,
+    Limits,
+    StoredFile,
+    read_stream,
+    source_chunks,
+    store_stream,
+)
+
+log = logging.getLogger(__name__)
 
 blp = Blueprint("images", __name__, description="Base images VMs boot from")
 
 
-def _images_dir():  # type: ignore[no-untyped-def]
-    return current_app.extensions["virtfleet.settings"].state_dir / "images"
+class ImportUnavailable(VirtfleetError):
+    """The control queue could not take the job (answered 503); nothing was kept."""
+
+    http_status = 503
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    return current_app.extensions["virtfleet.settings"]
+
+
+def _images_dir() -> Path:
+    return _settings().state_dir / "images"
+
+
+def _imports_dir() -> Path:
+    return _settings().state_dir / "imports"
 
 
 def visible(query, who: Principal):  # type: ignore[no-untyped-def]
@@ -38,9 +81,78 @@ def find_image(session, ref: str, who: Principal) -> Image:  # type: ignore[no-u
     return found[0]
 
 
+def ref_of(image: Image, base_url: str) -> dict[str, Any]:
+    """The contract's ImageRef: what a host needs to fetch and check the image."""
+    return {"id": image.id, "sha256": image.sha256, "disk_format": image.disk_format,
+            "size_bytes": image.size_bytes,
+            "url": f"{base_url}/api/v1/images/{image.id}/data"}
+
+
 def _with_project(session, image: Image) -> Image:  # type: ignore[no-untyped-def]
     image.project_name = session.get(Project, image.project_id).name  # type: ignore[attr-defined]
     return image
+
+
+def _register(who: Principal, name: str, visibility: str, source: str,
+              chunks: Iterator[bytes], declared: str | None) -> tuple[Image, int]:
+    """Store the bytes, write the image row, send the inspection; undo all of it on error."""
+    if visibility == "public" and not who.is_admin:
+        raise Conflict("only admins may publish public images")
+    settings = _settings()
+    store = current_app.extensions["virtfleet.store"]
+    with store.sessions() as s:
+        if s.scalars(select(Image).where(Image.project_id == who.project_id,
+                                         Image.name == name)).first():
+            raise Conflict(f"an image named '{name}' already exists")
+    image_id = new_id()
+    stored = store_stream(chunks, _imports_dir() / image_id,
+                          Limits(settings.max_image_bytes, settings.max_virtual_bytes), declared)
+    try:
+        with store.session() as s:
+            image = _known(s, stored) or Image(
+                status="importing", sha256=stored.sha256, size_bytes=stored.size_bytes,
+                virtual_size_bytes=stored.virtual_size_bytes, disk_format=stored.disk_format,
+                original_format=stored.disk_format)
+            image.id, image.name, image.project_id = image_id, name, who.project_id
+            image.visibility, image.source = visibility, source
+            s.add(image)
+            s.flush()
+            _with_project(s, image)
+    except IntegrityError:
+        stored.path.unlink(missing_ok=True)
+        raise Conflict(f"an image named '{name}' already exists") from None
+    except BaseException:
+        stored.path.unlink(missing_ok=True)
+        raise
+    if image.status == "active":
+        stored.path.unlink(missing_ok=True)
+        return image, 201
+    try:
+        current_app.extensions["virtfleet.dispatcher"].inspect_image(image_id)
+    except Exception:
+        log.exception("could not send the inspection of image %s", image_id)
+        with store.session() as s:
+            row = s.get(Image, image_id)
+            if row is not None:
+                s.delete(row)
+        stored.path.unlink(missing_ok=True)
+        raise ImportUnavailable("the message broker is not reachable; nothing was kept") \
+            from None
+    return image, 202
+
+
+def _known(session, stored: StoredFile) -> Image | None:  # type: ignore[no-untyped-def]
+    """An active image for these exact qcow2 bytes, already inspected and in the store: the
+    new image shares its file and its findings."""
+    if not stored.sha256 or not (_images_dir() / stored.sha256).is_file():
+        return None
+    twin = session.scalars(select(Image).where(Image.sha256 == stored.sha256,
+                                               Image.status == "active")).first()
+    if twin is None:
+        return None
+    return Image(status="active", sha256=twin.sha256, size_bytes=twin.size_bytes,
+                 virtual_size_bytes=twin.virtual_size_bytes, disk_format=twin.disk_format,
+                 original_format=stored.disk_format)
 
 
 @blp.route("/images")
@@ -56,33 +168,45 @@ class Images(MethodView):
                     s.scalars(visible(select(Image), current()).order_by(Image.name))]
 
     @blp.arguments(ImageCreateSchema)
-    @blp.response(201, ImageSchema)
+    @blp.response(202, ImageSchema)
+    @blp.alt_response(201, schema=ImageSchema, description="the same qcow2 bytes were already "
+                                                           "an active image: active at once")
     def post(self, data):  # type: ignore[no-untyped-def]
-        """Register an image: the file is copied into the controller's store by sha256."""
+        """Register an image from an http(s) URL (or, admins, a path on the controller).
+
+        The file is fetched and its header checked now (422 when refused); qemu-img runs on
+        the control plane afterwards: poll the image until `status` is `active` or `error`."""
         who = current()
-        if data["visibility"] == "public" and not who.is_admin:
-            raise Conflict("only admins may publish public images")
-        settings = current_app.extensions["virtfleet.settings"]
-        store = current_app.extensions["virtfleet.store"]
-        with store.sessions() as s:
-            if s.scalars(select(Image).where(Image.project_id == who.project_id,
-                                             Image.name == data["name"])).first():
-                raise Conflict(f"an image named '{data['name']}' already exists")
-        imported = import_source(data["source"], _images_dir(), settings.max_image_bytes,
-                                 allow_local=who.is_admin)
+        source = data["source"]
+        chunks = source_chunks(source, allow_local=who.is_admin)
+        return _register(who, data["name"], data["visibility"],
+                         source if "://" in source else "local", chunks, data["disk_format"])
+
+
+@blp.route("/images/upload")
+class ImageUpload(MethodView):
+    decorators = [login_required()]
+
+    @blp.arguments(ImageUploadQuerySchema, location="query")
+    @blp.response(202, ImageSchema)
+    @blp.alt_response(201, schema=ImageSchema, description="the same qcow2 bytes were already "
+                                                           "an active image: active at once")
+    @blp.doc(requestBody={"required": True, "description": "the image file (qcow2 or raw)",
+                          "content": {"application/octet-stream": {
+                              "schema": {"type": "string", "format": "binary"}}}})
+    def post(self, args):  # type: ignore[no-untyped-def]
+        """Register an image from the request body (streamed to disk, at most max_image_bytes).
+
+        Like POST /images, the answer is 202 and the image becomes `active` or `error`."""
+        # This route's own limit replaces the app's MAX_CONTENT_LENGTH (meant for JSON).
+        limit = _settings().max_image_bytes
+        request.max_content_length = limit
         try:
-            with store.session() as s:
-                image = Image(name=data["name"], project_id=who.project_id,
-                              visibility=data["visibility"], sha256=imported.sha256,
-                              size_bytes=imported.size_bytes,
-                              virtual_size_bytes=imported.virtual_size_bytes,
-                              disk_format=imported.disk_format,
-                              source=data["source"] if "://" in data["source"] else "local")
-                s.add(image)
-                s.flush()
-                return _with_project(s, image)
-        except IntegrityError:
-            raise Conflict(f"an image named '{data['name']}' already exists") from None
+            return _register(current(), args["name"], args["visibility"], "upload",
+                             read_stream(request.stream), args["disk_format"])
+        except RequestEntityTooLarge:
+            raise ImageTooLarge(f"the image is larger than the limit of {limit} bytes") \
+                from None
 
 
 @blp.route("/images/<image_ref>")
@@ -97,6 +221,42 @@ class ImageById(MethodView):
             return _with_project(s, find_image(s, image_ref, current()))
 
 
+@blp.route("/images/<image_ref>/prewarm")
+class ImagePrewarm(MethodView):
+    decorators = [login_required()]
+
+    @blp.arguments(PrewarmSchema)
+    @blp.response(202, PrewarmAcceptedSchema)
+    def post(self, data, image_ref: str):  # type: ignore[no-untyped-def]
+        """Admin: bring the image into the cache of these hosts ahead of builds.
+
+        Each host fetches it and reports `image.cached` (its heartbeats then list it)."""
+        require_admin()
+        names = list(dict.fromkeys(data["hosts"]))
+        store = current_app.extensions["virtfleet.store"]
+        with store.sessions() as s:
+            image = find_image(s, image_ref, current())
+            if image.status != "active":
+                raise Conflict(f"image '{image.name}' is {image.status}, not active")
+            known = set(s.scalars(select(Host.name).where(Host.name.in_(names))))
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise NotFound(f"host '{missing[0]}' not found")
+            payload = {"image": ref_of(image, _settings().base_url)}
+        dispatcher = current_app.extensions["virtfleet.dispatcher"]
+        sent: list[str] = []
+        try:
+            for name in names:
+                dispatcher.prewarm(name, payload)
+                sent.append(name)
+        except Exception:
+            log.exception("could not send prewarm of %s", payload["image"]["id"])
+            raise ImportUnavailable(f"the message broker is not reachable (sent to "
+                                    f"{len(sent)} of {len(names)} hosts)") from None
+        return {"image_id": payload["image"]["id"], "sha256": payload["image"]["sha256"],
+                "hosts": names}
+
+
 @blp.route("/images/<image_id>/data")
 class ImageData(MethodView):
     decorators = [login_required(allow_host=True)]
@@ -107,8 +267,11 @@ class ImageData(MethodView):
         store = current_app.extensions["virtfleet.store"]
         with store.sessions() as s:
             image = find_image(s, image_id, current())
+            if image.status != "active":
+                raise Conflict(f"image '{image.name}' is {image.status}, not active")
             path = _images_dir() / image.sha256
         if not path.exists():
             raise NotFound("the image file is missing from the controller's store")
         return send_file(path, mimetype="application/octet-stream", conditional=True,
                          download_name=f"{image.sha256}.{image.disk_format}")
+

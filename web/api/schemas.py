@@ -3,7 +3,9 @@ what responses show. One success schema per endpoint."""
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, fields, validate
+from collections.abc import Mapping
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from fleet.contract import NAME_RE
 
@@ -24,6 +26,18 @@ class ImageCreateSchema(StrictSchema):
                                                     "on the controller"})
     visibility = fields.String(load_default="private",
                                validate=validate.OneOf(["private", "public"]))
+    disk_format = fields.String(load_default=None, validate=validate.OneOf(["qcow2", "raw"]),
+                                metadata={"description": "the format you expect; the file's "
+                                                         "header decides, and must agree"})
+
+
+class ImageUploadQuerySchema(StrictSchema):
+    name = fields.String(required=True, validate=NAME)
+    visibility = fields.String(load_default="private",
+                               validate=validate.OneOf(["private", "public"]))
+    disk_format = fields.String(load_default=None, validate=validate.OneOf(["qcow2", "raw"]),
+                                metadata={"description": "the format you expect; the file's "
+                                                         "header decides, and must agree"})
 
 
 class ImageSchema(Schema):
@@ -31,11 +45,26 @@ class ImageSchema(Schema):
     name = fields.String()
     project = fields.Function(lambda img: img.project_name)
     visibility = fields.String()
-    sha256 = fields.String()
+    status = fields.String(metadata={"description": "importing, active or error"})
+    status_reason = fields.String()
+    sha256 = fields.String(metadata={"description": "of the qcow2 file hosts download (empty "
+                                                    "while a raw import is converted)"})
     size_bytes = fields.Integer()
     virtual_size_bytes = fields.Integer()
     disk_format = fields.String()
+    original_format = fields.String()
     created_at = fields.DateTime()
+
+
+class PrewarmSchema(StrictSchema):
+    hosts = fields.List(fields.String(validate=NAME), required=True,
+                        validate=validate.Length(min=1, max=1000))
+
+
+class PrewarmAcceptedSchema(Schema):
+    image_id = fields.String()
+    sha256 = fields.String()
+    hosts = fields.List(fields.String())
 
 
 class VMCreateSchema(StrictSchema):
@@ -88,6 +117,9 @@ class VMSchema(Schema):
     constraints = fields.Dict()
     server_group = fields.Function(lambda vm: vm.server_group_id)
     mac = fields.String()
+    addresses = fields.List(fields.Dict(), metadata={
+        "description": "IP addresses as its host last saw them: [{ip, prefix, source}], "
+                       "source `lease` (libvirt's DHCP) or `agent` (the guest agent)"})
     created_at = fields.DateTime()
     updated_at = fields.DateTime()
 
@@ -210,3 +242,96 @@ class ProjectSchema(Schema):
     max_memory_mb = fields.Integer(allow_none=True)
     max_disk_gb = fields.Integer(allow_none=True)
     usage = fields.Dict()
+
+
+# -- actions on VMs (web/api/actions.py) ---------------------------------------------------
+
+STOP_TIMEOUT = validate.Range(min=0, max=600, error="must be between 0 and 600 seconds")
+
+
+class NoArgsSchema(StrictSchema):
+    """start, force_off, rebuild: no arguments."""
+
+
+class StopArgsSchema(StrictSchema):
+    timeout = fields.Integer(strict=True, load_default=60, validate=STOP_TIMEOUT,
+                             metadata={"description": "seconds to wait for the guest to power "
+                                                      "off after the ACPI button before "
+                                                      "forcing it off"})
+
+
+class RebootArgsSchema(StopArgsSchema):
+    hard = fields.Boolean(load_default=False,
+                          metadata={"description": "power off at once instead of asking the "
+                                                   "guest first"})
+
+
+class ResizeArgsSchema(StrictSchema):
+    vcpus = fields.Integer(strict=True, validate=validate.Range(
+        min=1, max=128, error="must be between 1 and 128"))
+    memory_mb = fields.Integer(strict=True, validate=validate.Range(
+        min=64, max=4 * 1024 * 1024, error="must be between 64 and 4194304"))
+    disk_gb = fields.Integer(strict=True, validate=validate.Range(
+        min=1, max=65536, error="must be between 1 and 65536"),
+        metadata={"description": "grow only"})
+
+    @validates_schema
+    def _something(self, data: dict, **kwargs: object) -> None:
+        if not data:
+            raise ValidationError("give at least one of vcpus, memory_mb, disk_gb")
+
+
+class SnapshotNameSchema(StrictSchema):
+    name = fields.String(required=True, validate=NAME)
+
+
+ACTION_ARGS: dict[str, type[Schema]] = {
+    "start": NoArgsSchema,
+    "stop": StopArgsSchema,
+    "reboot": RebootArgsSchema,
+    "force_off": NoArgsSchema,
+    "resize": ResizeArgsSchema,
+    "snapshot_create": SnapshotNameSchema,
+    "snapshot_revert": SnapshotNameSchema,
+    "snapshot_delete": SnapshotNameSchema,
+    "rebuild": NoArgsSchema,
+}
+"""The arguments each action takes beside `action` (unknown fields rejected)."""
+
+
+class ActionSchema(StrictSchema):
+    """`{"action": "<name>", ...its arguments}`: validated by the schema of that action
+    (like marshmallow-oneofschema), loaded as `{"action": name, "args": {...}}`.
+
+    start, force_off, rebuild: none. stop: timeout. reboot: timeout, hard. resize: vcpus,
+    memory_mb, disk_gb (at least one; only while stopped; the disk only grows).
+    snapshot_create, snapshot_revert, snapshot_delete: name."""
+
+    # Declared for the API document; load() below validates by action.
+    action = fields.String(required=True, validate=validate.OneOf(list(ACTION_ARGS)))
+    timeout = fields.Integer(metadata={"description": "stop, reboot: seconds before forcing "
+                                                      "the guest off (default 60)"})
+    hard = fields.Boolean(metadata={"description": "reboot: power off at once"})
+    vcpus = fields.Integer(metadata={"description": "resize"})
+    memory_mb = fields.Integer(metadata={"description": "resize"})
+    disk_gb = fields.Integer(metadata={"description": "resize (grow only)"})
+    name = fields.String(metadata={"description": "snapshot_create, snapshot_revert, "
+                                                  "snapshot_delete"})
+
+    def load(self, data, *, many=None, partial=None, unknown=None):  # type: ignore[no-untyped-def, override]
+        if not isinstance(data, Mapping):
+            raise ValidationError({"_schema": ["the body must be a JSON object"]})
+        action = data.get("action")
+        schema = ACTION_ARGS.get(action) if isinstance(action, str) else None
+        if schema is None:
+            raise ValidationError({"action": ["must be one of: " + ", ".join(ACTION_ARGS)]})
+        args = schema().load({k: v for k, v in data.items() if k != "action"})
+        return {"action": action, "args": args}
+
+
+class SnapshotSchema(Schema):
+    name = fields.String()
+    state = fields.String(metadata={"description": "creating -> ready; deleting -> gone; "
+                                                   "error (see state_reason)"})
+    state_reason = fields.String()
+    created_at = fields.DateTime()

@@ -1,6 +1,8 @@
 /* virtfleet's page: the VM list, a create form, the serial console and the hosts, kept live
  * by the event stream. Talks only to /api/v1 with the user's token (Authorization: Bearer,
- * never in a URL). Everything from the API goes into the page through textContent. */
+ * never in a URL), and, for the interactive console, to the VM host's websocket with a
+ * single-use console token from the API. Everything from the API goes into the page through
+ * textContent. */
 (() => {
   "use strict";
 
@@ -23,6 +25,8 @@
   const touched = new Map();        // vm id -> when a single-VM answer last updated its row
   const gone = new Set();           // ids seen deleted: a late, older answer must not revive them
   let consoleVm = null;             // id of the VM whose console is shown
+  let liveConsole = null;           // {ws, vmId, decoder, pendingCr} while typing into a console
+  const LIVE_CONSOLE_MAX_CHARS = 200000;
   let hostsTimer = null;
   let hostsSoon = null;
   let stream = null;                // {ctrl, retryTimer, backoff, watchdog}
@@ -296,6 +300,7 @@
   /* ---------- console ---------- */
 
   function openConsole(vmId) {
+    if (consoleVm !== vmId) stopLiveConsole();
     consoleVm = vmId;
     for (const [id, row] of rows) row.classList.toggle("selected", id === vmId);
     const vm = vms.get(vmId);
@@ -307,6 +312,7 @@
   }
 
   function closeConsole() {
+    stopLiveConsole();
     consoleVm = null;
     for (const row of rows.values()) row.classList.remove("selected");
     show($("console"), false);
@@ -315,7 +321,7 @@
 
   async function loadConsole() {
     const vmId = consoleVm;
-    if (!vmId) return;
+    if (!vmId || liveConsole) return;
     const out = $("console-output");
     const status = $("console-status");
     status.textContent = "loading…";
@@ -335,6 +341,93 @@
     } finally {
       $("console-refresh").disabled = false;
     }
+  }
+
+  /* ---------- interactive console (a websocket to the VM's host) ---------- */
+
+  function liveControls(on) {
+    $("console-live").textContent = on ? "Disconnect" : "Interactive";
+    $("console-refresh").disabled = on;
+    show($("console-input-form"), on);
+  }
+
+  function appendConsole(live, text) {
+    const out = $("console-output");
+    // A CR at a chunk's end may be the first half of CRLF: hold it for the next chunk.
+    let chunk = (live.pendingCr ? "\r" : "") + text;
+    live.pendingCr = chunk.endsWith("\r");
+    if (live.pendingCr) chunk = chunk.slice(0, -1);
+    const atBottom = out.scrollTop + out.clientHeight >= out.scrollHeight - 8;
+    const all = out.textContent + cleanConsole(chunk);
+    out.textContent = all.length > LIVE_CONSOLE_MAX_CHARS ? all.slice(-LIVE_CONSOLE_MAX_CHARS) : all;
+    if (atBottom) out.scrollTop = out.scrollHeight;
+  }
+
+  async function startLiveConsole() {
+    const vmId = consoleVm;
+    if (!vmId) return;
+    stopLiveConsole();
+    const status = $("console-status");
+    status.textContent = "connecting…";
+    $("console-live").disabled = true;
+    let grant;
+    try {
+      grant = await api("POST", `/vms/${encodeURIComponent(vmId)}/console/token`);
+    } catch (err) {
+      if (consoleVm === vmId && err.status !== 401) status.textContent = `interactive: ${err.message}`;
+      return;
+    } finally {
+      $("console-live").disabled = false;
+    }
+    if (consoleVm !== vmId || liveConsole) return;
+    let ws;
+    try {
+      ws = new WebSocket(grant.url);
+    } catch (err) {
+      status.textContent = `interactive: ${err.message}`;
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    const live = { ws, vmId, decoder: new TextDecoder(), pendingCr: false };
+    liveConsole = live;
+    liveControls(true);
+    ws.onopen = () => {
+      if (liveConsole !== live) return;
+      status.textContent = "interactive";
+      $("console-input").focus();
+    };
+    ws.onmessage = (event) => {
+      if (liveConsole !== live) return;
+      const text = typeof event.data === "string"
+        ? event.data : live.decoder.decode(new Uint8Array(event.data), { stream: true });
+      appendConsole(live, text);
+    };
+    ws.onclose = (event) => {
+      if (liveConsole !== live) return;
+      liveConsole = null;
+      liveControls(false);
+      status.textContent = `interactive console closed${event.reason ? `: ${event.reason}` : ""}`;
+    };
+  }
+
+  function stopLiveConsole() {
+    const live = liveConsole;
+    if (!live) return;
+    liveConsole = null;
+    live.ws.close(1000, "closed from the page");
+    liveControls(false);
+    $("console-status").textContent = "";
+  }
+
+  function sendConsole(text) {
+    if (liveConsole && liveConsole.ws.readyState === WebSocket.OPEN) liveConsole.ws.send(text);
+  }
+
+  function submitConsoleInput(event) {
+    event.preventDefault();
+    const input = $("console-input");
+    sendConsole(`${input.value}\r`);  // Enter on a terminal sends CR
+    input.value = "";
   }
 
   /* ---------- images and the create form ---------- */
@@ -671,6 +764,15 @@
     $("hosts-refresh").addEventListener("click", () => loadHosts().catch(() => {}));
     $("console-refresh").addEventListener("click", loadConsole);
     $("console-close").addEventListener("click", closeConsole);
+    $("console-live").addEventListener("click", () => {
+      if (liveConsole) stopLiveConsole();
+      else startLiveConsole();
+    });
+    $("console-input-form").addEventListener("submit", submitConsoleInput);
+    $("console-ctrl-c").addEventListener("click", () => {
+      sendConsole("\x03");
+      $("console-input").focus();
+    });
     $("banner").addEventListener("click", () => banner(""));
     setLive("off");
     if (token) enterApp();

@@ -1,0 +1,336 @@
+"""The control plane's image job: inspect an imported file with qemu-img, convert raw to qcow2,
+and make the image `active` — or `error`, with a reason safe to show.
+
+Owns what TASK_INSPECT_IMAGE does to a file in `<state_dir>/imports/<image id>` (written by
+the web, format pinned from its header), the runner that keeps that work off the control
+queue's thread (a conversion takes seconds to minutes; heartbeats must not wait behind it),
+picking up imports a restart interrupted, and what EV_IMAGE_CACHED means for a host.
+
+qemu-img runs only through worker.images (used here as a library), always with the pinned
+format, under time and memory limits. Must not: fetch anything, probe a format, or leave a
+half-made file in `<state_dir>/images/` (content-addressed: a file there is complete).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from fleet import contract as c
+from fleet.config import Settings
+from fleet.proc import ProcError
+from fleet.store.models import Event, Host, Image
+from fleet.store.session import Store
+from scheduler.events import record
+from worker import images
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 * 1024 * 1024
+"""Bytes hashed at a time."""
+
+JOB_THREADS = 1
+"""Image jobs run one at a time per scheduler process (each is disk-bound)."""
+
+PATH_RE = re.compile(r"(?<![\w:])/[\w.@+-]+(?:/[\w.@+-]*)*")
+"""Controller paths in qemu-img's messages: replaced before a reason is shown."""
+
+
+class ImportFailed(Exception):
+    """The import cannot finish; the message is safe to show."""
+
+
+def imports_dir(settings: Settings) -> Path:
+    return settings.state_dir / "imports"
+
+
+def images_dir(settings: Settings) -> Path:
+    return settings.state_dir / "images"
+
+
+@dataclass(frozen=True)
+class Result:
+    sha256: str
+    size_bytes: int
+    virtual_size_bytes: int
+    timings: dict[str, float]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_and_sync(path: Path) -> str:
+    """sha256 of `path` while the kernel writes it to disk (the two overlap: hashing reads
+    the page cache on this thread, fsync waits for the disk on another)."""
+    errors: list[BaseException] = []
+    with path.open("rb") as fh:
+        def sync() -> None:
+            try:
+                os.fsync(fh.fileno())
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+                errors.append(exc)
+
+        syncer = threading.Thread(target=sync, name="image-fsync")
+        syncer.start()
+        try:
+            sha = sha256_of(path)
+        finally:
+            syncer.join()
+    if errors:
+        raise errors[0]
+    return sha
+
+
+def _publish_file(tmp: Path, sha: str, store_dir: Path, keep: bool = False) -> None:
+    """Give a finished file its content address (a twin already there wins); with `keep`,
+    as a second name (a hard link), leaving `tmp` where it is."""
+    final = store_dir / sha
+    if final.exists():
+        if not keep:
+            tmp.unlink()
+        return
+    os.chmod(tmp, 0o644)
+    if keep:
+        os.link(tmp, final)
+    else:
+        os.replace(tmp, final)
+
+
+def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> Result:
+    """Inspect `src` read as `fmt` and put the qcow2 hosts will get into the image store.
+
+    qcow2 is checked and kept as it is (`known_sha256`, computed while it was stored, saves
+    reading it again); raw is converted to qcow2 and the result checked again. `src` stays
+    (the caller removes it once the store says how this ended). Raises ImportFailed (or
+    ProcError/OSError, turned into a reason by the caller).
+    """
+    if fmt not in ("qcow2", "raw"):
+        raise ImportFailed(f"format {fmt!r} is not importable")
+    store_dir = images_dir(settings)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        data = images.check_untrusted(src, fmt, settings.max_virtual_bytes)
+    except images.UnsafeImage as exc:
+        raise ImportFailed(str(exc)) from None
+    vsize = int(data["virtual-size"])
+    timings["inspect_s"] = time.perf_counter() - t0
+    if fmt == "qcow2":
+        t1 = time.perf_counter()
+        sha = known_sha256 or sha256_of(src)
+        with src.open("rb") as fh:
+            os.fsync(fh.fileno())
+        size = src.stat().st_size
+        timings["hash_s"] = time.perf_counter() - t1
+        _publish_file(src, sha, store_dir, keep=True)
+        return Result(sha, size, vsize, timings)
+    tmp = store_dir / f".convert-{src.name}.qcow2"
+    tmp.unlink(missing_ok=True)
+    try:
+        t1 = time.perf_counter()
+        images.convert_untrusted(src, "raw", tmp, flush=False)  # synced below, once
+        timings["convert_s"] = time.perf_counter() - t1
+        try:
+            out = images.check_untrusted(tmp, "qcow2", settings.max_virtual_bytes)
+        except images.UnsafeImage as exc:
+            raise ImportFailed(f"the converted image is not right: {exc}") from None
+        if int(out["virtual-size"]) != vsize:
+            raise ImportFailed("the converted image has another virtual size")
+        t2 = time.perf_counter()
+        sha = hash_and_sync(tmp)
+        timings["hash_sync_s"] = time.perf_counter() - t2
+        size = tmp.stat().st_size
+        _publish_file(tmp, sha, store_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Result(sha, size, vsize, timings)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ImportFailed):
+        text = str(exc)
+    elif isinstance(exc, ProcError):
+        text = f"qemu-img could not read the image ({exc})"
+    else:
+        text = "the image could not be imported (see the scheduler's log)"
+    return PATH_RE.sub("<path>", text)[:500]
+
+
+def inspect_image(store: Store, settings: Settings, image_id: str) -> Event | None:
+    """Finish the import of one image; returns the event recorded, or None when there was
+    nothing to do (not importing any more, or another process has it in hand)."""
+    with store.sessions() as s:
+        image = s.get(Image, image_id)
+        if image is None or image.status != "importing":
+            return None
+        fmt, known_sha = image.original_format, image.sha256
+    src = imports_dir(settings) / image_id
+    try:
+        fh = src.open("rb")
+    except FileNotFoundError:
+        return _finish(store, image_id, None, "the imported file is gone (the import was "
+                                              "interrupted): register the image again")
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # another scheduler process is on it
+        if not src.exists():
+            return None  # it finished just before we took the lock
+        started = time.perf_counter()
+        result: Result | None = None
+        reason = ""
+        try:
+            result = process(src, fmt, settings, known_sha)
+            log.info("image %s imported in %.2fs (%s)", image_id,
+                     time.perf_counter() - started,
+                     {k: round(v, 3) for k, v in result.timings.items()})
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the image's reason
+            if not isinstance(exc, ImportFailed | ProcError):
+                log.exception("import of image %s failed", image_id)
+            reason = _reason(exc)
+        row = _finish(store, image_id, result, reason)
+        # The file goes only once the store says how this ended (a store failure leaves it
+        # for the next try): whoever finds it gone while the image is still importing knows
+        # the import was really lost.
+        src.unlink(missing_ok=True)
+        return row
+
+
+def _finish(store: Store, image_id: str, result: Result | None, reason: str) -> Event | None:
+    with store.session() as s:
+        values: dict[str, Any]
+        if result is not None:
+            values = {"status": "active", "status_reason": "", "sha256": result.sha256,
+                      "size_bytes": result.size_bytes, "disk_format": "qcow2",
+                      "virtual_size_bytes": result.virtual_size_bytes}
+        else:
+            values = {"status": "error", "status_reason": reason}
+        moved = s.execute(update(Image).where(Image.id == image_id,
+                                              Image.status == "importing").values(**values)
+                          .execution_options(synchronize_session=False)).rowcount
+        image = s.get(Image, image_id)
+        if not moved or image is None:
+            return None
+        data: dict[str, Any] = {"image_id": image_id, "name": image.name,
+                                "status": values["status"]}
+        if result is not None:
+            data.update(sha256=result.sha256, virtual_size_bytes=result.virtual_size_bytes,
+                        timings={k: round(v, 3) for k, v in result.timings.items()})
+        else:
+            data["reason"] = reason
+        row = record(s, c.make_event(c.EV_IMAGE_ACTIVE if result else c.EV_IMAGE_ERROR,
+                                     **data), image.project_id)
+        s.flush()
+        return row
+
+
+def on_image_cached(session: Session, event: dict[str, Any]) -> Event:
+    """A host has the image in its cache (its next heartbeat says so too)."""
+    sha = str(event.get("data", {}).get("sha256", ""))
+    host = session.scalars(select(Host).where(Host.name == event.get("host", ""))).first()
+    if host is not None and sha and sha not in (host.cached_images or []):
+        host.cached_images = [*(host.cached_images or []), sha]
+    return record(session, event)
+
+
+def on_image_cache_failed(session: Session, event: dict[str, Any]) -> Event:
+    return record(session, event)
+
+
+HANDLERS: dict[str, Callable[[Session, dict[str, Any]], Event]] = {
+    c.EV_IMAGE_CACHED: on_image_cached,
+    c.EV_IMAGE_CACHE_FAILED: on_image_cache_failed,
+}
+"""Events from hosts about their image caches (admins see them: no project)."""
+
+
+LEFTOVER_SECONDS = 24 * 3600.0
+"""Files in the imports directory that no importing image owns (an upload cut off, a web
+process killed between storing a file and writing its image) go after this long."""
+
+
+def remove_leftovers(directory: Path, importing: set[str],
+                     older_than: float = LEFTOVER_SECONDS) -> list[str]:
+    """Remove old files of `directory` that are not the file of an importing image."""
+    removed: list[str] = []
+    if not directory.is_dir():
+        return removed
+    now = time.time()
+    for p in directory.iterdir():
+        try:
+            if p.name in importing or not p.is_file() or now - p.stat().st_mtime < older_than:
+                continue
+            p.unlink()
+            removed.append(p.name)
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.info("removed %d leftover files from %s", len(removed), directory)
+    return removed
+
+
+class Runner:
+    """Runs image jobs on threads of their own, each image once at a time."""
+
+    def __init__(self, store: Store, settings: Settings,
+                 publish: Callable[[Event], None], threads: int = JOB_THREADS) -> None:
+        self.store, self.settings, self.publish = store, settings, publish
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imagejob")
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()
+
+    def submit(self, image_id: str) -> None:
+        with self._lock:
+            if image_id in self._queued:
+                return
+            self._queued.add(image_id)
+        self._pool.submit(self._run, image_id)
+
+    def _run(self, image_id: str) -> None:
+        try:
+            row = inspect_image(self.store, self.settings, image_id)
+            if row is not None:
+                self.publish(row)
+        except Exception:  # noqa: BLE001 - the next resume tries again
+            log.exception("image job %s failed", image_id)
+        finally:
+            with self._lock:
+                self._queued.discard(image_id)
+
+    def resume(self) -> None:
+        """Queue every image still `importing` (a restart lost its job), and remove what
+        crashed uploads left in the imports directory."""
+        def find() -> None:
+            try:
+                with self.store.sessions() as s:
+                    ids = list(s.scalars(select(Image.id).where(Image.status == "importing")))
+                remove_leftovers(imports_dir(self.settings), set(ids))
+            except Exception:  # noqa: BLE001 - a store hiccup at start-up; the next start retries
+                log.exception("could not look for interrupted image imports")
+                return
+            for image_id in ids:
+                self.submit(image_id)
+        self._pool.submit(find)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,80 @@
+"""The page's "Interactive" console button in headless Chromium: a console token from the API,
+a websocket from the browser to the host's console server, a line typed into the demo guest's
+shell and its answer shown, then disconnect and reconnect."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.cluster import Cluster
+from tests.e2e.test_console import cluster, wait_console_log  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.e2e
+
+pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402 - after the importorskip above
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+
+from tests.e2e.test_web_page import browser, sign_in, visible_text, wait  # noqa: E402,F401
+
+
+def output(driver: WebDriver) -> str:
+    return driver.find_element(By.ID, "console-output").get_attribute("textContent") or ""
+
+
+def type_line(driver: WebDriver, line: str) -> None:
+    field = wait(driver, "the console input",
+                 ec.visibility_of_element_located((By.ID, "console-input")))
+    field.send_keys(line + Keys.ENTER)
+
+
+def test_the_page_types_into_the_console(cluster: Cluster,  # noqa: F811
+                                         browser: WebDriver) -> None:  # noqa: F811
+    r = cluster.api.post("/vms", json={"name": "page-console", "image": "demo", "vcpus": 1,
+                                       "memory_mb": 192, "disk_gb": 1})
+    assert r.status_code == 202, r.text
+    vm_id = r.json()["vm"]["id"]
+    assert cluster.api.wait_vm(vm_id, ("running", "error"))["state"] == "running"
+    wait_console_log(cluster, vm_id, "virtfleet-demo: ready")
+
+    driver = browser
+    driver.get(cluster.api.base + "/")
+    sign_in(driver, cluster.api.token)
+    button = f"#vm-rows tr[data-vm-id='{vm_id}'] button[data-action='console']"
+    wait(driver, "the VM's console button",
+         ec.element_to_be_clickable((By.CSS_SELECTOR, button))).click()
+    wait(driver, "the console panel", ec.visibility_of_element_located((By.ID, "console")))
+
+    for attempt in ("first", "again"):
+        driver.find_element(By.ID, "console-live").click()
+        wait(driver, f"the interactive console ({attempt})",
+             lambda d: visible_text(d, "console-status") == "interactive")
+        assert driver.find_element(By.ID, "console-live").text == "Disconnect"
+        assert not driver.find_element(By.ID, "console-refresh").is_enabled()
+        type_line(driver, "echo page-$((40+2))")
+        wait(driver, "the shell's answer", lambda d: "\npage-42\n" in output(d), timeout=60)
+        driver.find_element(By.ID, "console-live").click()  # Disconnect
+        wait(driver, "the console to disconnect",
+             lambda d: d.find_element(By.ID, "console-live").text == "Interactive")
+        assert not driver.find_element(By.ID, "console-input-form").is_displayed()
+
+    # Ctrl-C interrupts what runs in the guest's shell.
+    driver.find_element(By.ID, "console-live").click()
+    wait(driver, "the interactive console",
+         lambda d: visible_text(d, "console-status") == "interactive")
+    type_line(driver, "sleep 600; echo slept-$((1+1))")
+    driver.find_element(By.ID, "console-ctrl-c").click()
+    type_line(driver, "echo after-$((2+2))")
+    wait(driver, "the shell back after Ctrl-C", lambda d: "\nafter-4\n" in output(d), timeout=60)
+    assert "slept-2" not in output(driver)
+
+    # Deleting the VM ends the session with the server's reason.
+    assert cluster.api.delete(f"/vms/{vm_id}").status_code == 202
+    wait(driver, "the console to close", lambda d: "interactive console closed" in
+         visible_text(d, "console-status") or "deleted" in visible_text(d, "console-status"),
+         timeout=90)
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
+              and "Failed to load resource" not in e["message"]]
+    assert not errors, errors
