@@ -143,9 +143,11 @@ def bases_in_use(storage_dir: Path) -> set[str]:
     if not root.is_dir():
         return used
     for inst in root.iterdir():
-        if not inst.is_dir():
+        try:
+            disks = list(inst.iterdir()) if inst.is_dir() else []
+        except FileNotFoundError:  # the VM was deleted meanwhile
             continue
-        for disk in inst.iterdir():
+        for disk in disks:
             if not (disk.name.endswith(".qcow2") or disk.name.endswith(".qcow2.tmp")):
                 continue
             try:

@@ -159,14 +159,14 @@ class _Session:
             item = await self.queue.get()
             if isinstance(item, str):
                 return item
-            chunks = [item]
-            ended = ""
-            while not self.queue.empty() and sum(map(len, chunks)) < MAX_MESSAGE:
+            chunks, size, ended = [item], len(item), ""
+            while not self.queue.empty() and size < MAX_MESSAGE:
                 nxt = self.queue.get_nowait()
                 if isinstance(nxt, str):
                     ended = nxt
                     break
                 chunks.append(nxt)
+                size += len(nxt)
             data = b"".join(chunks)
             self.queued -= len(data)
             if self.paused and self.queued < OUT_LOW:

@@ -648,6 +648,9 @@ class ConsoleStream:
     READS_PER_EVENT = 16
     """Most ``recv`` calls per event, so one chatty console cannot starve the loop."""
 
+    WRITE_CHUNK = 64 * 1024
+    """Most bytes given to one ``send`` (libvirt's RPC messages have a size limit)."""
+
     def __init__(self, stream: Any, on_data: ConsoleDataCallback,
                  on_close: ConsoleCloseCallback) -> None:
         self._stream = stream
@@ -673,6 +676,7 @@ class ConsoleStream:
     def _on_event(self, stream: Any, events: int, _opaque: Any) -> None:
         chunks: list[bytes] = []
         reason = ""
+        detached = False
         with self._lock:
             if self._closed:
                 return
@@ -687,7 +691,7 @@ class ConsoleStream:
                             break
                         chunks.append(got)
                 if not reason and events & libvirt.VIR_STREAM_EVENT_WRITABLE and self._out:
-                    sent = stream.send(bytes(self._out))
+                    sent = stream.send(bytes(self._out[:self.WRITE_CHUNK]))
                     if sent != -2:
                         del self._out[:sent]
                 if not reason and events & (libvirt.VIR_STREAM_EVENT_ERROR
@@ -696,10 +700,12 @@ class ConsoleStream:
             except libvirt.libvirtError as exc:
                 reason = f"the console stream failed: {exc.get_error_message() or exc}"
             if reason:
-                self._shutdown_locked()
+                detached = self._detach_locked()
             else:
                 with suppress(libvirt.libvirtError):
                     stream.eventUpdateCallback(self._events())
+        if detached:
+            self._abort()
         for chunk in chunks:
             self._call(self._on_data, chunk)
         if reason:
@@ -712,13 +718,20 @@ class ConsoleStream:
         except Exception:  # never into libvirt's dispatcher
             log.exception("console callback failed")
 
-    def _shutdown_locked(self) -> None:
+    def _detach_locked(self) -> bool:
+        """Mark closed and drop the event callback; True if this call did it. As virsh does,
+        the callback goes before the abort (a non-blocking stream needs that)."""
+        if self._closed:
+            return False
         self._closed = True
         self._out.clear()
-        # As virsh does: the callback goes first (a non-blocking stream needs that before
-        # abort), then the stream is aborted, which also tells libvirtd to let go of the pty.
         with suppress(libvirt.libvirtError):
             self._stream.eventRemoveCallback()
+        return True
+
+    def _abort(self) -> None:
+        """Tell libvirtd to let go of the console (a round trip; never under the lock, so
+        ``write`` never waits on it)."""
         with suppress(libvirt.libvirtError):
             self._stream.abort()
 
@@ -755,8 +768,9 @@ class ConsoleStream:
         """Let go of the console (idempotent). Blocks for one round trip to libvirtd, so
         call it off any event loop; ``on_close`` is not called for it."""
         with self._lock:
-            if not self._closed:
-                self._shutdown_locked()
+            detached = self._detach_locked()
+        if detached:
+            self._abort()
 
 
 def open_console(virt: Virt, uuid: str, on_data: ConsoleDataCallback,

@@ -389,6 +389,14 @@ def test_raw_upload_is_converted_to_qcow2_by_the_control_plane(env: Env,
 
 
 @needs_qemu_img
+def test_a_raw_file_of_an_odd_size_becomes_whole_sectors(env: Env) -> None:
+    image_id = env.upload("odd", b"\7" * 1000).get_json()["id"]
+    env.run_jobs()
+    image = env.image(image_id)
+    assert (image["status"], image["virtual_size_bytes"]) == ("active", 1024)
+
+
+@needs_qemu_img
 def test_qcow2_upload_is_kept_as_it_is_and_a_twin_is_active_at_once(env: Env,
                                                                     tmp_path: Path) -> None:
     img = tmp_path / "base.qcow2"
