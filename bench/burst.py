@@ -21,6 +21,7 @@ import requests
 from sqlalchemy import select
 
 from bench.cluster import Api, Cluster, free_port
+from bench.stats import percentile
 from demo.image import build_demo_image, default_image_path
 from fleet.config import load_settings
 from fleet.store.models import Claim, Host
@@ -32,14 +33,6 @@ NODE_XML = """<node>
   <memory>{kib}</memory>
 </node>
 """
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 def run(requests_total: int = 200, room: int = 150, hosts: int = 3) -> dict[str, Any]:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.stats import sigterm_as_interrupt
 from fleet.proc import run
 
 MIB = 1024 * 1024
@@ -294,22 +293,6 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(_sig: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def measure(runs: int, copy_runs: int, import_runs: int, import_mib: int,
             log: Callable[[str], None]) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vf-bench-images-"))
@@ -334,7 +317,7 @@ def main(runs: int = 15, copy_runs: int = 3, import_runs: int = 3, import_mib: i
          as_json: bool = False, strict: bool = False) -> int:
     """Run the benchmark, print its figures, and return the exit code."""
     import sys
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         report = measure(runs, copy_runs, import_runs, import_mib,
                          lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if as_json else render(report))

@@ -16,7 +16,6 @@ benchmark reports, it does not fail (`strict` aside).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 
+from bench.stats import percentile
 from fleet.config import Settings
 from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Host, Image, Project
@@ -79,15 +79,6 @@ class Result:
     claims_mismatch: list[str] = field(default_factory=list)
     passed: bool = False
     error: str = ""
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile (0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    k = max(0, math.ceil(pct / 100.0 * len(ordered)) - 1)
-    return ordered[k]
 
 
 @contextmanager

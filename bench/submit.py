@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import secrets
 import shutil
-import signal
 import sys
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from bench.stats import percentile, sigterm_as_interrupt
 
 OVERHEAD_TARGET_MS = 150.0
 """Orchestration may add at most this much at p50 over the bare define + start."""
@@ -92,19 +91,6 @@ adds, measured within one run, so less at the mercy of libvirt's run-to-run spre
 
 
 # ------------------------------------------------------------------ statistics (pure)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) of ``values``, interpolating linearly between ranks
-    (numpy's default). Raises ``ValueError`` on an empty sequence or ``q`` out of range."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError("q must be between 0 and 100")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(rank), math.ceil(rank)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | int]:
@@ -285,23 +271,6 @@ def milestones_from_events(events: Sequence[dict[str, Any]]) -> dict[str, float]
 
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, so the same clean-up runs as on Ctrl-C."""
-    def handler(_sig: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _poll_until(check: Callable[[], bool], stop: threading.Event, deadline: float,
@@ -563,7 +532,7 @@ def main(runs: int = 20, warmup: int = 2, as_json: bool = False, strict: bool = 
     """Run the benchmark, print its figures, and return the exit code."""
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be at least 1 and warmup at least 0")
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         report = measure(runs, warmup, api_poll_ms, virt_poll_ms)
     print(json.dumps(report, indent=2) if as_json else render(report))
     return 1 if report.get("error") else exit_code(report, strict)
