@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from sqlalchemy.orm import Session
 from fleet import contract as c
 from fleet.config import Settings
 from fleet.proc import ProcError
+from fleet.scrub import scrub
 from fleet.store.models import Event, Host, Image
 from fleet.store.session import Store
 from scheduler.events import record
@@ -45,7 +45,6 @@ CHUNK = 4 * 1024 * 1024
 JOB_THREADS = 1
 """Image jobs run one at a time per scheduler process (each is disk-bound)."""
 
-PATH_RE = re.compile(r"(?<![\w:])/[\w.@+-]+(?:/[\w.@+-]*)*")
 """Controller paths in qemu-img's messages: replaced before a reason is shown."""
 
 
@@ -172,7 +171,7 @@ def _reason(exc: BaseException) -> str:
         text = f"qemu-img could not read the image ({exc})"
     else:
         text = "the image could not be imported (see the scheduler's log)"
-    return PATH_RE.sub("<path>", text)[:500]
+    return scrub(text)
 
 
 def inspect_image(store: Store, settings: Settings, image_id: str) -> Event | None:

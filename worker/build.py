@@ -8,7 +8,6 @@ through the `emit` callable it is given, never to the store.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -20,6 +19,7 @@ import yaml
 
 from fleet import contract as c
 from fleet.exceptions import BuildError
+from fleet.scrub import scrub
 from worker import cache, images
 from worker.domain import HostSettings, InstancePaths, design, instance_paths, to_xml
 from worker.seed import build_seed_iso
@@ -31,7 +31,6 @@ Emit = Callable[..., None]
 """emit(event_type, vm_id=..., job_id=..., **data) sends an event to the control plane."""
 
 GIB = 1024**3
-PATH_RE = re.compile(r"(?<![\w:])/[\w.@+-]+(?:/[\w.@+-]*)*")
 
 
 @dataclass
@@ -44,11 +43,6 @@ class HostContext:
     emit: Emit
     building: set[str] = field(default_factory=set)
     """VMs this worker is building now: their lifecycle events are the build's own."""
-
-
-def scrub(message: str) -> str:
-    """A message safe to show a tenant: host paths replaced, length bounded."""
-    return PATH_RE.sub("<path>", message)[:500]
 
 
 def network_config(mac: str) -> str:
