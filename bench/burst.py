@@ -9,6 +9,7 @@ capacity; the web, scheduler and workers are real processes over real Redis.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tempfile
 import threading
@@ -38,8 +39,15 @@ NODE_XML = """<node>
 def run(requests_total: int = 200, room: int = 150, hosts: int = 3) -> dict[str, Any]:
     if room % hosts:
         raise ValueError("room must divide evenly among hosts")
-    per_host = room // hosts
     tmp = Path(tempfile.mkdtemp(prefix="vf-burst-"))
+    try:
+        return _run(tmp, requests_total, room, hosts)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(tmp: Path, requests_total: int, room: int, hosts: int) -> dict[str, Any]:
+    per_host = room // hosts
     workers = {}
     for i in range(hosts):
         node = tmp / f"b{i}.xml"
