@@ -18,7 +18,6 @@ from sqlalchemy import func, select
 
 from fleet import contract as c
 from fleet.config import Settings, load_settings
-from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Event, Host, Image, Job, Project, Snapshot, utcnow
 from fleet.store.session import Store
 from scheduler.events import apply_event
@@ -93,13 +92,6 @@ class Env:
     def count(self, model: Any) -> int:
         with self.store.sessions() as s:
             return s.scalar(select(func.count()).select_from(model))
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "virtfleet.db"
-    upgrade(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture

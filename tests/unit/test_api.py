@@ -20,7 +20,6 @@ from sqlalchemy import func, select
 
 from fleet.config import load_settings
 from fleet.proc import run
-from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Event, Host, Image, Job, Project
 from fleet.store.session import Store
 from scheduler.imagejobs import inspect_image
@@ -82,14 +81,6 @@ class Env:
     def count(self, model: Any) -> int:
         with self.store.sessions() as s:
             return s.scalar(select(func.count()).select_from(model))
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One migrated database file, copied for each test (migrating is the slow part)."""
-    path = tmp_path_factory.mktemp("template") / "virtfleet.db"
-    upgrade(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture

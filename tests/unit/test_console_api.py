@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from fleet.consoletoken import verify
 from fleet.store.models import VM, Host
-from tests.unit.test_api import Env, assert_error_body, env, migrated_db, vm_body  # noqa: F401
+from tests.unit.test_api import Env, assert_error_body, env, vm_body  # noqa: F401
 
 HOST_TOKEN = "host-credential-for-tests"
 

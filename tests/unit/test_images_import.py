@@ -29,7 +29,6 @@ from fleet import download
 from fleet.config import load_settings
 from fleet.exceptions import ConfigError
 from fleet.proc import ProcError, run
-from fleet.store.migrate import upgrade
 from fleet.store.models import Event, Host, Image, Project
 from fleet.store.session import Store
 from scheduler import imagejobs
@@ -129,13 +128,6 @@ class Env:
         for p in self.state_dir.rglob("*"):
             if p.is_file():
                 assert MARKER not in p.read_bytes(), p
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "virtfleet.db"
-    upgrade(f"sqlite:///{path}")
-    return path
 
 
 def empty_config(tmp_path: Path) -> Path:
