@@ -11,14 +11,13 @@ import threading
 from sqlalchemy import func, select
 
 from fleet import contract as c
-from fleet.bus import Bus
+from fleet.bus import Bus, event_payload
 from fleet.celery_app import make_celery
 from fleet.config import Settings
 from fleet.store.models import Event
 from fleet.store.session import Store
 from scheduler import tasks
 from scheduler.events import mark_silent_hosts_down
-from scheduler.tasks import event_dict
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def liveness_loop(store: Store, settings: Settings, bus: Bus, stop: threading.Ev
                 before = session.scalar(select(func.max(Event.id))) or 0
                 down = mark_silent_hosts_down(session, settings)
                 session.flush()
-                published = [event_dict(row) for row in session.scalars(
+                published = [event_payload(row) for row in session.scalars(
                     select(Event).where(Event.id > before).order_by(Event.id))]
             for name in down:
                 log.warning("host %s missed %d heartbeats: marked down", name,

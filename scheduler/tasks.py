@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 
 from fleet import contract as c
-from fleet.bus import Bus
+from fleet.bus import Bus, event_payload
 from fleet.config import Settings
 from fleet.store.session import Store
 from scheduler import imagejobs
@@ -20,20 +20,11 @@ from scheduler.events import apply_event
 log = logging.getLogger(__name__)
 
 
-def event_dict(row: Any) -> dict[str, Any]:
-    return {"id": row.id, "type": row.type, "ts": row.ts.isoformat(), "vm_id": row.vm_id,
-            "job_id": row.job_id, "host": row.host_name, "project_id": row.project_id,
-            "data": row.data}
-
-
 def register(app: Celery, store: Store, settings: Settings, bus: Bus) -> None:
     """Bind the control-queue tasks to this process's store and bus."""
 
     def publish_row(row: Any) -> None:
-        try:
-            bus.publish(event_dict(row))
-        except Exception:  # noqa: BLE001 - the page re-reads the store
-            log.exception("could not publish event %s", row.id)
+        bus.publish_safely(event_payload(row))
 
     images = imagejobs.Runner(store, settings, publish_row)
 
@@ -54,11 +45,8 @@ def register(app: Celery, store: Store, settings: Settings, bus: Bus) -> None:
                 session.flush()
             else:
                 outgoing, row = apply_event(session, event, settings)
-            published = event_dict(row) if row is not None else None
+            published = event_payload(row) if row is not None else None
         for msg in outgoing:
             app.send_task(msg.task, args=[msg.payload], queue=msg.queue)
         if published is not None:
-            try:
-                bus.publish(published)
-            except Exception:  # noqa: BLE001 - the page re-reads the store; never lose the event
-                log.exception("could not publish event %s", published["id"])
+            bus.publish_safely(published)

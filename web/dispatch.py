@@ -45,23 +45,19 @@ class CeleryDispatcher:
     def prewarm(self, host: str, payload: dict[str, Any]) -> None:
         self.app.send_task(c.TASK_PREWARM_IMAGE, args=[payload], queue=c.host_queue(host))
 
-    def console_log(self, host: str, vm_id: str, max_bytes: int) -> str:
-        result = self.app.send_task(c.TASK_CONSOLE_LOG, args=[vm_id, max_bytes],
-                                    queue=c.host_queue(host), ignore_result=False,
-                                    expires=10)
+    def _rpc(self, host: str, task: str, *args: Any) -> Any:
+        """Ask the host and wait (10 s at most) for its answer."""
+        result = self.app.send_task(task, args=list(args), queue=c.host_queue(host),
+                                    ignore_result=False, expires=10)
         try:
-            return str(result.get(timeout=10))
+            return result.get(timeout=10)
         except CeleryTimeout:
             raise TimeoutError(f"host {host} did not answer") from None
         finally:
             result.forget()
 
+    def console_log(self, host: str, vm_id: str, max_bytes: int) -> str:
+        return str(self._rpc(host, c.TASK_CONSOLE_LOG, vm_id, max_bytes))
+
     def console_info(self, host: str, vm_id: str) -> dict[str, Any]:
-        result = self.app.send_task(c.TASK_CONSOLE_INFO, args=[vm_id],
-                                    queue=c.host_queue(host), ignore_result=False, expires=10)
-        try:
-            return dict(result.get(timeout=10))
-        except CeleryTimeout:
-            raise TimeoutError(f"host {host} did not answer") from None
-        finally:
-            result.forget()
+        return dict(self._rpc(host, c.TASK_CONSOLE_INFO, vm_id))

@@ -16,7 +16,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
-from fleet.bus import Bus
+from fleet.bus import Bus, event_payload
 from fleet.config import Settings
 from fleet.contract import NAME_RE
 from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
@@ -75,14 +75,8 @@ class Accepted:
 
 
 def _publish(bus: Bus | None, ev: Event) -> None:
-    if bus is None:
-        return
-    try:
-        bus.publish({"id": ev.id, "type": ev.type, "ts": ev.ts.isoformat(), "vm_id": ev.vm_id,
-                     "job_id": ev.job_id, "host": ev.host_name, "project_id": ev.project_id,
-                     "data": ev.data})
-    except Exception:  # noqa: BLE001 - live updates are best effort; the store has it
-        log.warning("could not publish event %s", ev.id)
+    if bus is not None:
+        bus.publish_safely(event_payload(ev))
 
 
 def vm_names(name: str, count: int) -> list[str]:
