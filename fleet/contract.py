@@ -63,6 +63,17 @@ EV_IMAGE_ACTIVE = "image.active"
 """The control plane finished importing an image (inspected, converted): VMs may use it."""
 EV_IMAGE_ERROR = "image.error"
 """An image import was refused or failed; data: image_id, reason."""
+EV_VM_READY = "vm.ready"
+"""cloud-init finished its first boot in the guest without errors (the worker saw
+READY_MARKER on the serial console); data: boot_seconds (domain start -> marker), result
+(cloud-init's result.json "v1" object as the guest printed it)."""
+EV_GUEST_FAILED = "vm.guest.failed"
+"""cloud-init finished in the guest with errors; data: reason (the guest's own messages,
+joined), result (as for EV_VM_READY)."""
+READY_MARKER = "virtfleet-ready: "
+"""Start of the one line the ready part of the user-data prints on the serial console when
+cloud-init has finished, followed by one line of JSON: the contents of cloud-init's
+/run/cloud-init/result.json (``{"v1": {"datasource": ..., "errors": [...]}}``)."""
 EV_HOST_DOWN = "host.down"
 EV_HOST_UP = "host.up"
 
@@ -86,8 +97,32 @@ class ImageRef(TypedDict):
     url: str
 
 
+class NetworkSpec(TypedDict):
+    """A fleet network as a host needs it to realise (define and start) it in libvirt."""
+
+    name: str        # the fleet network's name (NAME_RE); libvirt's is network_libvirt_name()
+    mode: str        # "nat" | "isolated" | "bridge"
+    bridge: str      # mode "bridge": the existing host bridge to attach to; else ""
+    cidr: str        # e.g. "10.77.0.0/24"
+    gateway: str     # e.g. "10.77.0.1" (the host side for nat/isolated)
+    dns: list[str]   # resolvers handed to guests
+    dhcp_start: str  # libvirt's DHCP range for nat/isolated ("" for bridge: the LAN's own)
+    dhcp_end: str
+
+
+def network_libvirt_name(name: str) -> str:
+    """The libvirt network that realises fleet network `name` on every host."""
+    return f"vf-{name}"
+
+
 class BuildPayload(TypedDict):
-    vm: dict[str, Any]  # id, name, project, vcpus, memory_mb, disk_gb, user_data, hostname, mac
+    # vm: id, name, project, vcpus, memory_mb, disk_gb, hostname, mac, and
+    #   user_data: the final user-data for the seed (the control plane's MIME multipart of the
+    #              user's own content plus virtfleet's parts, see fleet.userdata),
+    #   network_config: the seed's network-config (v2 YAML) or "" for DHCP on the VM's MAC,
+    #   network: a NetworkSpec to attach to (realised on the host when first needed), or None
+    #            for the host's default network.
+    vm: dict[str, Any]
     image: ImageRef
     job_id: str
     attempt: int
