@@ -28,7 +28,12 @@ class Conflict(VirtfleetError):
 
 
 class BadRequest(VirtfleetError):
-    """The request is malformed in a way the schema could not catch."""
+    """The request is malformed in a way the schema could not catch; `errors` may say
+    where (e.g. {"public_key": ["..."]})."""
+
+    def __init__(self, message: str, errors: dict | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or {}
 
 
 class NoValidHost(Conflict):

@@ -149,11 +149,72 @@ class VM(Base):
     mac: Mapped[str] = mapped_column(String(17), default="")
     addresses: Mapped[list[Any]] = mapped_column(default=list)
     """IP addresses as last reported by the host: [{"ip", "prefix", "source"}]."""
+    network_id: Mapped[str | None] = mapped_column(
+        ForeignKey("networks.id", name="fk_vms_network_id_networks"), nullable=True)
+    """The fleet network of its NIC; None: the host's default network."""
+    address_mode: Mapped[str] = mapped_column(String(8), default="dhcp")
+    """dhcp | static (an address of the network's static pool, held in ip_allocations)."""
+    static_address: Mapped[str] = mapped_column(String(39), default="")
+    keypairs: Mapped[list[Any]] = mapped_column(default=list)
+    """Names of the project's keypairs given at creation."""
+    ssh_keys: Mapped[list[Any]] = mapped_column(default=list)
+    """Their public keys as they were at creation: every (re)build of the VM gets these."""
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """When cloud-init finished the first boot (vm.ready); None until then, and again after
+    a rebuild."""
+    boot_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Domain start -> cloud-init finished, as the host measured it."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     host: Mapped[Host | None] = relationship()
     image: Mapped[Image] = relationship()
     project: Mapped[Project] = relationship()
+    network: Mapped[Network | None] = relationship()
+
+
+class Keypair(Base):
+    """An SSH public key a project imported, given to VMs by name."""
+
+    __tablename__ = "keypairs"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(63))
+    public_key: Mapped[str] = mapped_column(Text)
+    """One line, "<type> <base64> [comment]", as validated by fleet.sshkeys."""
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    """"SHA256:<base64 of the sha256 of the key blob, no padding>", as ssh-keygen -l."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Network(Base):
+    """A fleet network: realised on each host as libvirt network vf-<name> (nat, isolated)
+    or an existing host bridge (bridge). Fleet-wide; admins create and delete them."""
+
+    __tablename__ = "networks"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    """nat | isolated | bridge"""
+    bridge: Mapped[str] = mapped_column(String(15), default="")
+    cidr: Mapped[str] = mapped_column(String(43))
+    gateway: Mapped[str] = mapped_column(String(39))
+    dns: Mapped[list[Any]] = mapped_column(default=list)
+    dhcp_start: Mapped[str] = mapped_column(String(39), default="")
+    dhcp_end: Mapped[str] = mapped_column(String(39), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IPAllocation(Base):
+    """A static address held by a VM. The primary key (network_id, address) is what makes
+    one holder per address fleet-wide: concurrent inserts of the same address lose to the
+    database, not to a check in Python (scheduler.ipam)."""
+
+    __tablename__ = "ip_allocations"
+    network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), primary_key=True)
+    address: Mapped[str] = mapped_column(String(39), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Snapshot(Base):
