@@ -65,6 +65,7 @@ class Settings:
     max_virtual_bytes: int = 2 * 1024**4
     cache_max_bytes: int = 20 * 1024**3
     cache_gc_interval: float = 300.0
+    ready_timeout: float = 900.0
     log_level: str = "INFO"
 
     @property
@@ -136,6 +137,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("setting 'cache_max_bytes' must be zero (keep no unused base) or more")
     if not s.cache_gc_interval > 0:
         raise ConfigError("setting 'cache_gc_interval' must be greater than zero")
+    if not s.ready_timeout >= 0:
+        raise ConfigError("setting 'ready_timeout' must be zero (wait forever) or more seconds")
 
 
 def _check_console(s: Settings) -> None:

@@ -1,14 +1,17 @@
 """Build and delete flows on a host: plain functions, each step idempotent and undone on error.
 
-Owns the order of a build (image → overlay → seed → define → start) and of a delete. Talks
-to libvirt only through worker.virt, to qemu-img only through worker.images; reports progress
-through the `emit` callable it is given, never to the store.
+Owns the order of a build (image → overlay → seed → define, with the VM's fleet network
+realised by worker.networks → start, then the console watched for the ready line by
+worker.readiness) and of a delete. Talks to libvirt only through worker.virt, to qemu-img
+only through worker.images; reports progress through the `emit` callable it is given, never
+to the store.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,6 +25,8 @@ from fleet.exceptions import BuildError
 from fleet.scrub import scrub
 from worker import cache, images
 from worker.domain import HostSettings, InstancePaths, design, instance_paths, to_xml
+from worker.networks import ensure_network
+from worker.readiness import ReadyWatcher
 from worker.seed import build_seed_iso
 from worker.virt import Virt
 
@@ -43,6 +48,8 @@ class HostContext:
     emit: Emit
     building: set[str] = field(default_factory=set)
     """VMs this worker is building now: their lifecycle events are the build's own."""
+    ready: ReadyWatcher | None = None
+    """Watches the console of each VM a build starts for the ready line (none: no watching)."""
 
 
 def network_config(mac: str) -> str:
@@ -91,19 +98,28 @@ def _build(ctx: HostContext, payload: dict[str, Any], paths: InstancePaths,
 
             current = "seed"
             step(current)
+            # user_data is the control plane's final document (multipart): used unchanged.
             build_seed_iso(paths.seed, instance_id=vm_id, hostname=vm["hostname"],
                            user_data=vm.get("user_data") or "",
-                           network_config=network_config(vm.get("mac", "")))
+                           network_config=(vm.get("network_config")
+                                           or network_config(vm.get("mac", ""))))
 
             current = "define"
             step(current)
             xml = to_xml(design(vm, ctx.host))
-            if ctx.host.network_kind == "network" and ctx.host.network_source:
+            if vm.get("network"):
+                ensure_network(ctx.virt, vm["network"])  # a fleet network, realised here
+            elif ctx.host.network_kind == "network" and ctx.host.network_source:
                 ctx.virt.ensure_network_active(ctx.host.network_source)
             current = "start"
+            if ctx.ready is not None:
+                ctx.ready.prepare(vm_id)  # only output from this boot on can say "ready"
             undo.callback(ctx.virt.destroy_and_undefine, vm_id)
             ctx.virt.define_and_start(xml)
+            started = time.time()
             undo.pop_all()
+            if ctx.ready is not None:
+                ctx.ready.watch(vm_id, started)
     except BuildError:
         raise
     except Exception as exc:
@@ -113,6 +129,8 @@ def _build(ctx: HostContext, payload: dict[str, Any], paths: InstancePaths,
 
 def delete_vm(ctx: HostContext, vm_id: str) -> None:
     """Destroy and undefine the domain and remove its overlay, seed and log (idempotent)."""
+    if ctx.ready is not None:
+        ctx.ready.unwatch(vm_id)
     ctx.virt.destroy_and_undefine(vm_id)
     shutil.rmtree(instance_paths(ctx.host.storage_dir, vm_id).dir, ignore_errors=True)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.contract import network_libvirt_name
+
 NS = "https://virtfleet.dev/xmlns/domain/1"
 """XML namespace of virtfleet's entry in a domain's ``<metadata>``."""
 
@@ -266,6 +268,8 @@ class InstancePaths:
     disk: Path
     seed: Path
     console: Path
+    ready: Path
+    """Where the readiness watcher keeps what it knows of the current boot (worker.readiness)."""
 
 
 def instance_paths(storage_dir: Path, vm_id: str) -> InstancePaths:
@@ -281,6 +285,7 @@ def instance_paths(storage_dir: Path, vm_id: str) -> InstancePaths:
         disk=base / "disk.qcow2",
         seed=base / "seed.iso",
         console=base / "console.log",
+        ready=base / "ready.json",
     )
 
 
@@ -303,7 +308,8 @@ def design(vm: Mapping[str, Any], host: HostSettings) -> DomainConfig:
     """Decide the domain for build payload ``vm`` on ``host``.
 
     ``vm`` carries ``id`` (UUID, also the domain UUID), ``name``, ``project``,
-    ``vcpus``, ``memory_mb`` and optionally ``mac``.
+    ``vcpus``, ``memory_mb`` and optionally ``mac`` and ``network`` (a NetworkSpec: the NIC
+    joins that fleet network's libvirt network; without one, the host's default).
     """
     vm_id = str(uuidlib.UUID(str(vm["id"])))
     paths = instance_paths(host.storage_dir, vm_id)
@@ -311,7 +317,13 @@ def design(vm: Mapping[str, Any], host: HostSettings) -> DomainConfig:
     if vcpus < 1 or memory < 1:
         raise ValueError("vcpus and memory_mb must be positive")
     network = None
-    if host.network_kind is not None:
+    fleet_net = vm.get("network")
+    if fleet_net:
+        # A fleet network: its libvirt network (realised by worker.networks) instead of
+        # the host's default.
+        network = NetworkAttachment("network", network_libvirt_name(str(fleet_net["name"])),
+                                    _mac(vm.get("mac")))
+    elif host.network_kind is not None:
         if host.network_kind not in ("network", "bridge") or not host.network_source:
             raise ValueError("network_kind must be 'network' or 'bridge' with a source")
         network = NetworkAttachment(host.network_kind, host.network_source, _mac(vm.get("mac")))

@@ -1,5 +1,6 @@
 """The `virtfleet worker` process: one per host. Consumes `host.<name>`, sends heartbeats,
-and turns libvirt lifecycle events into events for the control plane.
+turns libvirt lifecycle events into events for the control plane, and watches new VMs'
+consoles for the ready line (worker.readiness).
 
 Owns wiring only; it holds no database credentials (it never imports the store).
 """
@@ -19,6 +20,7 @@ from worker import console as console_server
 from worker.addresses import AddressReporter
 from worker.domain import HostSettings
 from worker.heartbeat import domain_states, heartbeat_data
+from worker.readiness import ReadyWatcher
 from worker.sysinfo import detect_virt_type, host_arch
 from worker.virt import LifecycleListener, Virt
 
@@ -49,7 +51,10 @@ def run(settings: Settings) -> None:
         event = c.make_event(type_, host=name, vm_id=vm_id, job_id=job_id, **data)
         app.send_task(c.TASK_EVENT, args=[event], queue=c.CONTROL_QUEUE)
 
-    ctx = build.HostContext(virt=virt, host=host, host_token=settings.host_token, emit=emit)
+    # One thread watches the console logs of new VMs for cloud-init's ready line.
+    ready = ReadyWatcher(emit, host.storage_dir, timeout=settings.ready_timeout)
+    ctx = build.HostContext(virt=virt, host=host, host_token=settings.host_token, emit=emit,
+                            ready=ready)
     gc_wake = threading.Event()
     tasks.register(app, ctx, after_delete=gc_wake.set)
     stop = threading.Event()
@@ -113,6 +118,13 @@ def run(settings: Settings) -> None:
     threading.Thread(target=cache_gc, name="cache-gc", daemon=True).start()
     threading.Thread(target=inventory, name="inventory", daemon=True).start()
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+    def running_vms() -> list[str]:
+        # After a restart: VMs whose domains run, to re-send or resume their ready watch.
+        return [d["vm_id"] for d in virt.list_domains()
+                if d["vm_id"] and d["state"] in ("running", "blocked")]
+
+    ready.start(running=running_vms)
     listener = LifecycleListener(settings.libvirt_uri, on_lifecycle).start()
     try:
         app.worker_main(["worker", "--queues", c.host_queue(name), "--pool", "threads",
@@ -122,6 +134,7 @@ def run(settings: Settings) -> None:
     finally:
         stop.set()
         gc_wake.set()
+        ready.stop()
         listener.stop()
         if console is not None:
             console.stop()

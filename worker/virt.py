@@ -1,12 +1,13 @@
 """libvirt access: the only module in virtfleet that imports ``libvirt``.
 
 Owns: a lazily (re)opened connection (:class:`Virt`) with idempotent domain
-define/start and destroy/undefine, domain state and listing, host capacity, making a
-libvirt network active, and the lifecycle event listener (:class:`LifecycleListener`).
-Every libvirt failure leaves this module as :class:`VirtError` with a clean message.
+define/start and destroy/undefine, domain state and listing, host capacity, libvirt
+networks (define, start, read back, remove), and the lifecycle event listener
+(:class:`LifecycleListener`). Every libvirt failure leaves this module as
+:class:`VirtError` with a clean message.
 
-Must not: build domain XML (see ``worker.domain``), touch image files, or decide what
-a VM should be; callers pass finished XML and UUIDs.
+Must not: build domain or network XML (see ``worker.domain``, ``worker.networks``), touch
+image files, or decide what a VM should be; callers pass finished XML and UUIDs.
 """
 
 from __future__ import annotations
@@ -174,14 +175,89 @@ class Virt:
         }
 
     def ensure_network_active(self, name: str) -> None:
-        """Start and autostart the defined libvirt network ``name`` if it is inactive."""
+        """Start and autostart the defined libvirt network ``name`` if it is inactive.
+
+        Safe when another caller starts it at the same moment."""
         conn = self._connection()
         with _errors(f"network {name}"):
             net = conn.networkLookupByName(name)
             if net.isActive():
                 return
-            net.create()
+            try:
+                net.create()
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID or not net.isActive():
+                    raise
             net.setAutostart(1)
+
+    def _network(self, name: str) -> libvirt.virNetwork | None:
+        conn = self._connection()
+        try:
+            return conn.networkLookupByName(name)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+                return None
+            raise VirtError(f"lookup of network {name}: {exc.get_error_message()}",
+                            _code(exc)) from None
+
+    def network_xml(self, name: str) -> str | None:
+        """The persistent definition of libvirt network ``name``; None if it does not exist."""
+        net = self._network(name)
+        if net is None:
+            return None
+        # The test driver knows no INACTIVE flag; its live XML says the same.
+        for flags in (libvirt.VIR_NETWORK_XML_INACTIVE, 0):
+            try:
+                return str(net.XMLDesc(flags))
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+                    return None
+                if flags and _code(exc) in (libvirt.VIR_ERR_INVALID_ARG,
+                                            libvirt.VIR_ERR_NO_SUPPORT):
+                    continue
+                raise VirtError(f"XML of network {name}: {exc.get_error_message()}",
+                                _code(exc)) from None
+        return None  # not reached
+
+    def network_state(self, name: str) -> dict[str, bool] | None:
+        """``{active, autostart, persistent}`` of libvirt network ``name``; None if absent."""
+        net = self._network(name)
+        if net is None:
+            return None
+        with _errors(f"state of network {name}"):
+            return {"active": bool(net.isActive()), "autostart": bool(net.autostart()),
+                    "persistent": bool(net.isPersistent())}
+
+    def define_network(self, xml: str) -> bool:
+        """Define a persistent libvirt network from finished ``xml`` (not started).
+
+        Returns False, without changing anything, when a network of that name exists
+        already (another build defined it first); any other failure is a VirtError."""
+        conn = self._connection()
+        try:
+            conn.networkDefineXML(xml)
+        except libvirt.libvirtError as exc:
+            msg = exc.get_error_message() or str(exc)
+            if _code(exc) == libvirt.VIR_ERR_OPERATION_FAILED and "already exists" in msg:
+                return False
+            raise VirtError(f"define of network: {msg}", _code(exc)) from None
+        return True
+
+    def remove_network(self, name: str) -> bool:
+        """Stop and undefine libvirt network ``name``; False if it did not exist."""
+        net = self._network(name)
+        if net is None:
+            return False
+        with _errors(f"removal of network {name}"):
+            try:
+                if net.isActive():
+                    net.destroy()
+                if net.isPersistent():
+                    net.undefine()
+            except libvirt.libvirtError as exc:
+                if _code(exc) != libvirt.VIR_ERR_NO_NETWORK:
+                    raise
+        return True
 
     # -- domains ------------------------------------------------------------------
 

@@ -64,6 +64,13 @@ CASES: dict[str, DomainConfig] = {
         _host("kvm", network_kind="bridge", network_source="br0",
               emulator="/usr/bin/qemu-system-x86_64", machine="q35"),
     ),
+    # A fleet network replaces the host's default (and a host without one).
+    "fleet_network": design(
+        _vm(network={"name": "lab", "mode": "nat", "bridge": "", "cidr": "10.77.0.0/24",
+                     "gateway": "10.77.0.1", "dns": [], "dhcp_start": "10.77.0.10",
+                     "dhcp_end": "10.77.0.200"}),
+        _host("qemu", network_kind=None, network_source=None),
+    ),
     "minimal": DomainConfig(
         name="vf-bare-00000000",
         uuid="00000000-0000-4000-8000-000000000000",
@@ -154,6 +161,15 @@ def test_no_network_when_host_has_none() -> None:
     cfg = design(_vm(), _host(network_kind=None, network_source=None))
     assert cfg.network is None
     assert ET.fromstring(to_xml(cfg)).find("devices/interface") is None
+
+
+def test_fleet_network_attachment() -> None:
+    cfg = CASES["fleet_network"]
+    assert cfg.network == NetworkAttachment("network", "vf-lab", "52:54:00:12:34:56")
+    iface = ET.fromstring(to_xml(cfg)).find("devices/interface")
+    assert iface.get("type") == "network" and iface.find("source").get("network") == "vf-lab"
+    # over the host's default too
+    assert design(_vm(network={"name": "lab"}), _host()).network.source == "vf-lab"
 
 
 def test_bridge_attachment_xml() -> None:
