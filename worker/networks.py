@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import re
 import threading
 import xml.etree.ElementTree as ET
@@ -36,6 +37,8 @@ from fleet.contract import NetworkSpec, network_libvirt_name
 from fleet.exceptions import BuildError
 from fleet.scrub import scrub
 from worker.virt import Virt, VirtError
+
+log = logging.getLogger(__name__)
 
 MODES = ("nat", "isolated", "bridge")
 """The fleet network modes a host can realise."""
@@ -194,7 +197,9 @@ def ensure_network(virt: Virt, spec: NetworkSpec | Mapping[str, Any]) -> str:
                         "define", f"define failed: libvirt network {name} on this host does "
                                   f"not match fleet network {spec['name']}: {why} (it is not "
                                   "redefined; remove or rename it on the host)")
-            virt.ensure_network_active(name)
+            if virt.ensure_network_active(name):
+                log.info("libvirt network %s (fleet network %s, %s) is defined and active",
+                         name, spec["name"], spec["mode"])
     except VirtError as exc:
         raise BuildError("define", f"define failed: {scrub(str(exc))}") from exc
     return name

@@ -174,21 +174,23 @@ class Virt:
             "hostname": hostname,
         }
 
-    def ensure_network_active(self, name: str) -> None:
-        """Start and autostart the defined libvirt network ``name`` if it is inactive.
-
-        Safe when another caller starts it at the same moment."""
+    def ensure_network_active(self, name: str) -> bool:
+        """Start and autostart the defined libvirt network ``name`` if it is inactive; True
+        if this call started it. Safe when another caller starts it at the same moment."""
         conn = self._connection()
         with _errors(f"network {name}"):
             net = conn.networkLookupByName(name)
             if net.isActive():
-                return
+                return False
+            started = True
             try:
                 net.create()
             except libvirt.libvirtError as exc:
                 if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID or not net.isActive():
                     raise
+                started = False
             net.setAutostart(1)
+            return started
 
     def _network(self, name: str) -> libvirt.virNetwork | None:
         conn = self._connection()
