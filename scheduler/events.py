@@ -16,10 +16,11 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
+from fleet import networks, userdata
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
 from fleet.store.models import VM, Claim, Event, Host, Image, Job, Snapshot, utcnow
-from scheduler import claims
+from scheduler import claims, ipam
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,20 @@ class Outgoing:
 
 
 def transition(session: Session, vm_id: str, allowed: tuple[str, ...], to: str,
-               reason: str = "", step: str = "") -> bool:
-    """Move a VM to `to` only if it is in one of `allowed` states. True if it moved."""
+               reason: str = "", step: str = "", **extra: Any) -> bool:
+    """Move a VM to `to` only if it is in one of `allowed` states (setting the columns in
+    `extra` with it). True if it moved."""
     res = session.execute(
         update(VM).where(VM.id == vm_id, VM.state.in_(allowed))
-        .values(state=to, state_reason=reason, failed_step=step, updated_at=utcnow())
+        .values(state=to, state_reason=reason, failed_step=step, updated_at=utcnow(), **extra)
         .execution_options(synchronize_session=False))
     return res.rowcount == 1
+
+
+def up_state(vm: VM | None) -> str:
+    """The state of a VM whose domain runs: `ready` once cloud-init has finished its first
+    boot (ready_at; a reboot or a start does not undo that), else `running`."""
+    return "ready" if vm is not None and vm.ready_at is not None else "running"
 
 
 def _parse_ts(ts: str) -> datetime:
@@ -74,11 +82,23 @@ def _job(session: Session, job_id: str, only_open: bool = False, **values: Any) 
 
 
 def build_payload(vm: VM, image: Image, job_id: str, settings: Settings) -> dict[str, Any]:
-    """The build message: everything the host needs, nothing that needs the store."""
+    """The build message: everything the host needs, nothing that needs the store.
+
+    user_data is the final MIME multipart (the user's own, then virtfleet's hostname, SSH
+    keys and ready signal: fleet.userdata.compose); network the NetworkSpec of its fleet
+    network (None: the host's default); network_config the seed's v2 YAML for a fleet
+    network (static address or DHCP, matched by MAC), "" otherwise."""
+    net = networks.from_row(vm.network) if vm.network is not None else None
+    static = vm.static_address if vm.address_mode == "static" else ""
     return {
         "vm": {"id": vm.id, "name": vm.name, "project": vm.project.name, "vcpus": vm.vcpus,
-               "memory_mb": vm.memory_mb, "disk_gb": vm.disk_gb, "user_data": vm.user_data,
-               "hostname": vm.name, "mac": vm.mac},
+               "memory_mb": vm.memory_mb, "disk_gb": vm.disk_gb,
+               "user_data": userdata.compose(vm.user_data or "", hostname=vm.name,
+                                             ssh_keys=list(vm.ssh_keys or [])),
+               "hostname": vm.name, "mac": vm.mac,
+               "network": networks.spec(vm.network.name, net)
+               if net is not None and vm.network is not None else None,
+               "network_config": networks.network_config(vm.mac, net, static)},
         "image": {"id": image.id, "sha256": image.sha256, "disk_format": image.disk_format,
                   "size_bytes": image.size_bytes,
                   "url": f"{settings.base_url}/api/v1/images/{image.id}/data"},
@@ -117,7 +137,7 @@ def on_heartbeat(session: Session, event: dict[str, Any], settings: Settings) ->
     for vm in session.scalars(select(VM).where(VM.host_id == host.id, VM.state == "unknown")):
         seen = domains.get(vm.id)
         if seen is not None:
-            transition(session, vm.id, ("unknown",), "running" if seen == "running"
+            transition(session, vm.id, ("unknown",), up_state(vm) if seen == "running"
                        else "stopped", reason="host reported again")
     return []
 
@@ -191,6 +211,8 @@ def on_lifecycle(session: Session, event: dict[str, Any], settings: Settings) ->
         name = "crashed"
     if name in LIFECYCLE_TO_STATE:
         allowed, to = LIFECYCLE_TO_STATE[name]
+        if to == "running":
+            to = up_state(session.get(VM, event["vm_id"]))
         reason = "the guest crashed" if to == "error" else ""
         transition(session, event["vm_id"], allowed, to, reason=reason)
     return []
@@ -198,6 +220,7 @@ def on_lifecycle(session: Session, event: dict[str, Any], settings: Settings) ->
 
 def on_deleted(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
     claims.release(session, event["vm_id"])
+    ipam.release(session, event["vm_id"])
     vm = session.get(VM, event["vm_id"])
     if vm is not None:
         session.delete(vm)
@@ -264,12 +287,14 @@ BOOTING_ACTIONS = frozenset({"start", "reboot", "rebuild", "snapshot_revert"})
 """Actions after which a running guest is not (yet) `ready` again."""
 
 
-def settled_state(observed: str, previous: str, action: str = "") -> str | None:
-    """The VM state for what its host reports after an action: `running` keeps `ready` when
-    the VM was ready before and the action did not boot it (or bring back another moment);
-    None when the domain is in no state an action ends in."""
+def settled_state(observed: str, previous: str, action: str = "",
+                  booted: bool = False) -> str | None:
+    """The VM state for what its host reports after an action: `running` is `ready` when
+    cloud-init has finished the VM's first boot (`booted`: a start or a reboot does not
+    undo that), or when the VM was ready before and the action did not boot it (or bring
+    back another moment); None when the domain is in no state an action ends in."""
     if observed == "running":
-        if previous == "ready" and action not in BOOTING_ACTIONS:
+        if booted or (previous == "ready" and action not in BOOTING_ACTIONS):
             return "ready"
         return "running"
     if observed == "stopped":
@@ -316,6 +341,22 @@ def _snapshot_row(session: Session, vm_id: str, name: str) -> Snapshot | None:
                                                   Snapshot.name == name)).first()
 
 
+def first_boot_done(session: Session, vm: VM, action: str, args: dict[str, Any]) -> bool:
+    """Whether the guest the VM runs after `action` has finished its first boot: it had
+    (ready_at), and the action did not bring back a disk from before that (a rebuild, or a
+    snapshot taken before ready_at)."""
+    if vm.ready_at is None or action == "rebuild":
+        return False
+    if action == "snapshot_revert":
+        snap = _snapshot_row(session, vm.id, args.get("name", ""))
+        return snap is not None and _aware(snap.created_at) >= _aware(vm.ready_at)
+    return True
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
 def on_action_done(session: Session, event: dict[str, Any],
                    settings: Settings) -> list[Outgoing]:
     vm_id, job_id, d = event["vm_id"], event["job_id"], event["data"]
@@ -328,7 +369,10 @@ def on_action_done(session: Session, event: dict[str, Any],
         _job(session, job_id, state="done", step="", message=d.get("message", ""))
         return []
     previous = req.get("previous", "")
-    to = settled_state(d.get("state", ""), previous, action)
+    if action == "rebuild":
+        vm.ready_at, vm.boot_seconds = None, None  # a new disk: its first boot is to come
+    to = settled_state(d.get("state", ""), previous, action,
+                       booted=first_boot_done(session, vm, action, args))
     expect = (rule.during,) if rule.during else rule.allowed
     if to is None:
         transition(session, vm_id, expect, "error", step=action,
@@ -371,7 +415,10 @@ def on_action_failed(session: Session, event: dict[str, Any],
     vm = session.get(VM, vm_id)
     if vm is None or rule is None:
         return []
-    to = settled_state(d.get("state", ""), req.get("previous", ""), action)
+    if action == "rebuild" and d.get("disk_replaced"):
+        vm.ready_at, vm.boot_seconds = None, None
+    to = settled_state(d.get("state", ""), req.get("previous", ""), action,
+                       booted=first_boot_done(session, vm, action, args))
     expect = (rule.during,) if rule.during else rule.allowed
     if to is None:
         transition(session, vm_id, expect, "error", reason=reason, step=step)
@@ -401,6 +448,44 @@ def on_addresses(session: Session, event: dict[str, Any], settings: Settings) ->
     return []
 
 
+# -- the guest's first boot (cloud-init), seen by its host on the serial console ---------------
+
+GUEST_REASON_LIMIT = 2048
+"""The longest guest reason kept as a VM's state_reason."""
+
+
+def _from_its_host(vm: VM, event: dict[str, Any]) -> bool:
+    return vm.host is None or not event.get("host") or vm.host.name == event["host"]
+
+
+def on_vm_ready(session: Session, event: dict[str, Any], settings: Settings) -> list[Outgoing]:
+    """cloud-init finished the first boot: running -> ready, with when and how long it took.
+    Ignored for a VM that is gone, not running (stopped, rebuilding, already ready...) or
+    on another host now."""
+    vm = session.get(VM, event["vm_id"])
+    if vm is None or vm.state != "running" or not _from_its_host(vm, event):
+        return []
+    seconds = event["data"].get("boot_seconds")
+    boot = float(seconds) if isinstance(seconds, int | float) and not isinstance(seconds, bool) \
+        and seconds >= 0 else None
+    transition(session, vm.id, ("running",), "ready", ready_at=_parse_ts(event.get("ts", "")),
+               boot_seconds=boot)
+    return []
+
+
+def on_guest_failed(session: Session, event: dict[str, Any],
+                    settings: Settings) -> list[Outgoing]:
+    """cloud-init finished the first boot with errors: running -> error, the guest's own
+    messages as the reason (step `cloud-init`). Ignored as vm.ready is."""
+    vm = session.get(VM, event["vm_id"])
+    if vm is None or vm.state != "running" or not _from_its_host(vm, event):
+        return []
+    reason = str(event["data"].get("reason") or "cloud-init reported errors")
+    transition(session, vm.id, ("running",), "error", step="cloud-init",
+               reason=f"cloud-init failed in the guest: {reason}"[:GUEST_REASON_LIMIT])
+    return []
+
+
 HANDLERS = {
     c.EV_HEARTBEAT: on_heartbeat,
     c.EV_BUILD_STEP: on_build_step,
@@ -412,6 +497,8 @@ HANDLERS = {
     c.EV_ACTION_DONE: on_action_done,
     c.EV_ACTION_FAILED: on_action_failed,
     c.EV_ADDRESSES: on_addresses,
+    c.EV_VM_READY: on_vm_ready,
+    c.EV_GUEST_FAILED: on_guest_failed,
 }
 
 

@@ -58,6 +58,9 @@ def create_app(test_config: dict[str, Any] | None = None,
         api.register_blueprint(bp, url_prefix="/api/v1")
     from web.api import actions
     api.register_blueprint(actions.blp, url_prefix="/api/v1")
+    from web.api import keypairs, networks
+    for bp in (keypairs.blp, networks.blp):
+        api.register_blueprint(bp, url_prefix="/api/v1")
     errors.register(app)
 
     from web import views

@@ -16,16 +16,19 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
+from fleet import userdata
 from fleet.bus import Bus, event_payload
 from fleet.config import Settings
 from fleet.contract import NAME_RE
 from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
 from fleet.store.models import VM, Event, Job
 from fleet.store.session import Store
-from scheduler import claims, quotas
+from scheduler import claims, ipam, quotas
 from scheduler.events import build_payload, record
 from web.api.groups import find_group
 from web.api.images import find_image
+from web.api.keypairs import find_keypairs
+from web.api.networks import find_network
 from web.auth import Principal
 
 log = logging.getLogger(__name__)
@@ -90,14 +93,23 @@ def vm_names(name: str, count: int) -> list[str]:
 
 def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
                who: Principal, data: dict[str, Any]) -> Accepted:
-    """Place and claim `count` VMs, all or nothing, then send their builds."""
+    """Place and claim `count` VMs, all or nothing, then send their builds. A static
+    address is taken for each VM (scheduler.ipam) in the same transaction as its row and
+    claim: any failure gives everything back."""
     names = vm_names(data["name"], data.get("count", 1))
+    userdata.validate(data.get("user_data") or "")  # 400 pointing at the line
+    address_mode = data.get("address") or "dhcp"
     with store.session() as s:
         image = find_image(s, data["image"], who)
         if image.status != "active":
             raise Conflict(f"image '{image.name}' is {image.status}, not active"
                            + (f": {image.status_reason}" if image.status_reason else ""))
         group = find_group(s, data["server_group"], who) if data.get("server_group") else None
+        keys = find_keypairs(s, list(data.get("keypairs") or []), who)
+        network = find_network(s, data["network"], lock=True) if data.get("network") else None
+        if address_mode == "static" and network is None:
+            raise BadRequest("a static address needs a `network` to take it from",
+                             {"address": ["a static address needs a `network`"]})
         taken = s.scalars(select(VM.name).where(VM.project_id == who.project_id,
                                                 VM.name.in_(names))).all()
         if taken:
@@ -110,9 +122,13 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
                     vcpus=data["vcpus"], memory_mb=data["memory_mb"], disk_gb=data["disk_gb"],
                     user_data=data["user_data"], state="pending", mac=random_mac(),
                     constraints=dict(data.get("constraints") or {}),
-                    server_group_id=group.id if group else None)
+                    server_group_id=group.id if group else None,
+                    network_id=network.id if network else None, address_mode=address_mode,
+                    keypairs=[k.name for k in keys], ssh_keys=[k.public_key for k in keys])
             s.add(vm)
             s.flush()
+            if network is not None and address_mode == "static":
+                vm.static_address = ipam.allocate(s, network, vm.id)  # 409 when exhausted
             host = claims.place_and_claim(s, vm, claims.request_for(s, vm, image.sha256),
                                           settings)
             vm.state = "building"
@@ -136,6 +152,7 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
         with store.session() as s:
             for vm, job in zip(vms, jobs, strict=True):
                 claims.release(s, vm.id)
+                ipam.release(s, vm.id)
                 for row in (s.get(Job, job.id), s.get(VM, vm.id)):
                     if row is not None:
                         s.delete(row)
@@ -162,6 +179,7 @@ def delete_vm(store: Store, dispatcher: Any, bus: Bus | None, who: Principal,
         s.flush()
         if not host_name:
             claims.release(s, vm.id)
+            ipam.release(s, vm.id)
             s.delete(vm)
             job.state = "done"
             ev = record(s, c.make_event(c.EV_DELETED, vm_id=vm.id, job_id=job.id,
@@ -222,6 +240,7 @@ def evacuate(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
                                   "reason": str(exc)})
                 continue
             vm.state, vm.state_reason, vm.failed_step = "building", "", ""
+            vm.ready_at, vm.boot_seconds = None, None  # a new disk: a new first boot
             job = Job(vm_id=vm.id, project_id=vm.project_id, kind="build", host_name=new.name)
             s.add(job)
             s.flush()

@@ -235,7 +235,11 @@ def test_valid_create_is_202_and_sends_the_build(env: Env) -> None:
     kind, host, payload = env.dispatcher.calls[0]
     assert (kind, host) == ("build", "node1")
     assert payload["vm"]["id"] == vm["id"]
-    assert payload["vm"]["name"] == "web1" and payload["vm"]["user_data"] == "#cloud-config\n"
+    assert payload["vm"]["name"] == "web1"
+    # The user's part unchanged, inside virtfleet's MIME multipart (fleet.userdata.compose).
+    assert payload["vm"]["user_data"].startswith("Content-Type: multipart/mixed")
+    assert "\n#cloud-config\n" in payload["vm"]["user_data"]
+    assert payload["vm"]["network"] is None and payload["vm"]["network_config"] == ""
     assert payload["job_id"] == job["id"]
     assert payload["image"]["id"] == "img-a"
     assert payload["image"]["sha256"] == SHA

@@ -4,10 +4,12 @@ what responses show. One success schema per endpoint."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from fleet.contract import NAME_RE
+from fleet.networks import prefix
 
 # marshmallow str.format()s these messages: braces are doubled.
 NAME = validate.Regexp(NAME_RE, error="must match ^[a-z0-9][a-z0-9-]{{0,62}}$ "
@@ -67,6 +69,10 @@ class PrewarmAcceptedSchema(Schema):
     hosts = fields.List(fields.String())
 
 
+MAX_VM_KEYPAIRS = 20
+"""Keypairs one VM may name."""
+
+
 class VMCreateSchema(StrictSchema):
     name = fields.String(required=True, validate=NAME)
     image = fields.String(required=True, validate=validate.Length(min=1, max=63),
@@ -93,6 +99,34 @@ class VMCreateSchema(StrictSchema):
                               load_default=dict,
                               metadata={"description": "host labels required, e.g. "
                                                        "{\"zone\": \"rack1\"}"})
+    keypairs = fields.List(fields.String(validate=NAME), load_default=list,
+                           validate=validate.Length(max=MAX_VM_KEYPAIRS),
+                           metadata={"description": "names of this project's keypairs: "
+                                                    "their public keys go to the guest's "
+                                                    "default user"})
+    network = fields.String(load_default=None, validate=NAME,
+                            metadata={"description": "a fleet network's name; none: the "
+                                                     "host's default network"})
+    address = fields.String(load_default="dhcp", validate=validate.OneOf(["dhcp", "static"]),
+                            metadata={"description": "dhcp, or static: the lowest free "
+                                                     "address of the network's static pool "
+                                                     "(needs `network`)"})
+
+    @validates_schema
+    def _static_needs_a_network(self, data: dict, **kwargs: object) -> None:
+        if data.get("address") == "static" and not data.get("network"):
+            raise ValidationError("a static address needs a `network` to take it from",
+                                  field_name="address")
+
+
+def vm_addresses(vm: Any) -> list[dict[str, Any]]:
+    """The VM's static address first (when it holds one), then what its host reported."""
+    seen = [dict(a) for a in (vm.addresses or []) if isinstance(a, dict)]
+    if vm.address_mode == "static" and vm.static_address and vm.network is not None:
+        seen = [a for a in seen if a.get("ip") != vm.static_address]
+        return [{"ip": vm.static_address, "prefix": prefix(vm.network.cidr),
+                 "source": "static"}, *seen]
+    return seen
 
 
 class StepSchema(Schema):
@@ -117,9 +151,20 @@ class VMSchema(Schema):
     constraints = fields.Dict()
     server_group = fields.Function(lambda vm: vm.server_group_id)
     mac = fields.String()
-    addresses = fields.List(fields.Dict(), metadata={
-        "description": "IP addresses as its host last saw them: [{ip, prefix, source}], "
-                       "source `lease` (libvirt's DHCP) or `agent` (the guest agent)"})
+    network = fields.Function(lambda vm: vm.network.name if vm.network else None,
+                              metadata={"description": "its fleet network (null: the host's "
+                                                       "default network)"})
+    address_mode = fields.String(metadata={"description": "dhcp or static"})
+    addresses = fields.Function(
+        vm_addresses, metadata={
+            "description": "IP addresses: the static one it holds (source `static`), then "
+                           "those its host last saw: [{ip, prefix, source}], source `lease` "
+                           "(libvirt's DHCP) or `agent` (the guest agent)"})
+    keypairs = fields.List(fields.String())
+    ready_at = fields.DateTime(allow_none=True, metadata={
+        "description": "when cloud-init finished its first boot (state `ready`)"})
+    boot_seconds = fields.Float(allow_none=True, metadata={
+        "description": "domain start until cloud-init finished, as its host measured it"})
     created_at = fields.DateTime()
     updated_at = fields.DateTime()
 
@@ -143,8 +188,18 @@ class VMAcceptedSchema(Schema):
     jobs = fields.List(fields.Nested(JobSchema))
 
 
+class TimingSchema(Schema):
+    step = fields.String(metadata={"description": "placement, queued, image, overlay, seed, "
+                                                  "define, start, boot"})
+    at = fields.DateTime()
+    seconds = fields.Float(allow_none=True, metadata={"description": "null while it runs"})
+    failed = fields.Boolean()
+
+
 class VMDetailSchema(VMSchema):
     steps = fields.List(fields.Nested(StepSchema))
+    timings = fields.List(fields.Nested(TimingSchema), metadata={
+        "description": "how long each step of its latest build took, up to ready"})
 
 
 class ConsoleSchema(Schema):
@@ -334,4 +389,66 @@ class SnapshotSchema(Schema):
     state = fields.String(metadata={"description": "creating -> ready; deleting -> gone; "
                                                    "error (see state_reason)"})
     state_reason = fields.String()
+    created_at = fields.DateTime()
+
+
+# -- keypairs (web/api/keypairs.py) and networks (web/api/networks.py) -----------------------
+
+
+class KeypairCreateSchema(StrictSchema):
+    name = fields.String(required=True, validate=NAME)
+    public_key = fields.String(required=True, validate=validate.Length(min=1, max=16384),
+                               metadata={"description": "one line of an OpenSSH .pub file: "
+                                                        "ssh-ed25519, ssh-rsa (>= 2048 bits) "
+                                                        "or ecdsa-sha2-nistp256/384/521"})
+
+
+class KeypairSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    type = fields.Function(lambda kp: kp.public_key.split(" ", 1)[0])
+    fingerprint = fields.String(metadata={"description": "SHA256:..., as ssh-keygen -l"})
+    public_key = fields.String()
+    created_at = fields.DateTime()
+
+
+class NetworkCreateSchema(StrictSchema):
+    name = fields.String(required=True, validate=NAME)
+    mode = fields.String(required=True, validate=validate.OneOf(["nat", "isolated", "bridge"]),
+                         metadata={"description": "nat or isolated (a libvirt network on each "
+                                                  "host), bridge (an existing host bridge)"})
+    cidr = fields.String(required=True, validate=validate.Length(min=1, max=43),
+                         metadata={"description": "IPv4, /16 to /29, e.g. 10.77.0.0/24"})
+    gateway = fields.String(load_default=None, validate=validate.Length(min=1, max=39),
+                            metadata={"description": "default: the first address (required "
+                                                     "for bridge: the LAN's router)"})
+    dns = fields.List(fields.String(validate=validate.Length(min=1, max=39)),
+                      load_default=None,
+                      metadata={"description": "resolvers (at most 3); default: the gateway "
+                                               "(nat, isolated), none (bridge)"})
+    bridge = fields.String(load_default=None, validate=validate.Length(min=1, max=15),
+                           metadata={"description": "mode bridge only: the host bridge"})
+    dhcp_start = fields.String(load_default=None, validate=validate.Length(min=1, max=39),
+                               metadata={"description": "default: the upper half of the cidr "
+                                                        "(nat, isolated); for bridge, the "
+                                                        "LAN's own range, kept out of the "
+                                                        "static pool"})
+    dhcp_end = fields.String(load_default=None, validate=validate.Length(min=1, max=39))
+
+
+class NetworkSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    mode = fields.String()
+    bridge = fields.String()
+    cidr = fields.String()
+    gateway = fields.String()
+    dns = fields.List(fields.String())
+    dhcp_start = fields.String()
+    dhcp_end = fields.String()
+    static_pool = fields.List(fields.Dict(), metadata={
+        "description": "ranges of static addresses: [{start, end}]"})
+    static_total = fields.Integer()
+    static_held = fields.Integer()
+    vms = fields.Integer(metadata={"description": "VMs attached to it"})
     created_at = fields.DateTime()

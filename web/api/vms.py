@@ -17,6 +17,7 @@ from web.api.schemas import (
     VMSchema,
 )
 from web.auth import current, login_required
+from web.timings import timings
 from web.vmops import create_vms, delete_vm, get_vm, list_vms, steps
 
 blp = Blueprint("vms", __name__, description="Virtual machines")
@@ -43,7 +44,7 @@ class VMs(MethodView):
         with store.sessions() as s:
             vms = list_vms(s, current())
             for vm in vms:
-                _ = vm.host, vm.project
+                _ = vm.host, vm.project, vm.network
             return vms
 
     @blp.arguments(VMCreateSchema)
@@ -57,7 +58,7 @@ class VMs(MethodView):
         with store.sessions() as s:
             vms = [get_vm(s, vm.id, current()) for vm in accepted.vms]
             for vm in vms:
-                _ = vm.host, vm.project
+                _ = vm.host, vm.project, vm.network
             return {"vm": vms[0], "job": accepted.jobs[0], "vms": vms, "jobs": accepted.jobs}
 
 
@@ -67,12 +68,14 @@ class VMById(MethodView):
 
     @blp.response(200, VMDetailSchema)
     def get(self, vm_id: str):  # type: ignore[no-untyped-def]
-        """Show a VM, with the time each state took."""
+        """Show a VM, with the time each state took and each step of its build up to
+        `ready` (`timings`)."""
         store = _ctx()[0]
         with store.sessions() as s:
             vm = get_vm(s, vm_id, current())
-            _ = vm.host, vm.project
+            _ = vm.host, vm.project, vm.network
             vm.steps = steps(s, vm.id)  # type: ignore[attr-defined]
+            vm.timings = timings(s, vm)  # type: ignore[attr-defined]
             return vm
 
     @blp.response(202, JobSchema)
