@@ -15,11 +15,21 @@ and reports on the serial console with lines starting ``virtfleet-demo:``:
     virtfleet-demo: instance-id=<id>
     virtfleet-demo: hostname=<name>
     virtfleet-demo: user-data exit=<code>          (when user-data is a #! script)
+    virtfleet-demo: user-data multipart, <n> parts (a MIME multipart, e.g. virtfleet's
+                                                   composed user-data; then per part, in order:)
+    virtfleet-demo: user-data part <i> exit=<code> (a text/x-shellscript part, run)
+    virtfleet-ready: {"v1": {...}}                 (printed by virtfleet's ready part when run)
+    virtfleet-demo: skipping cloud-config part <i> (no cloud-init here to apply it)
+    virtfleet-demo: skipping <type> part <i>       (any other part)
     virtfleet-demo: user-data skipped (<line 1>)   (any other user-data)
     virtfleet-demo: no cidata seed                 (no seed found)
     virtfleet-demo: ready
     virtfleet-demo: eth0 address=<ip>              (later, if DHCP answers)
     virtfleet-demo: power button, powering off     (ACPI power button -> clean power off)
+
+A multipart's parts are split by a small awk program (MIME_AWK; base64 parts are decoded with
+busybox base64). The guest has no cloud-init: virtfleet's ready part (see fleet.userdata), run
+like any script part, prints the ``virtfleet-ready: {...}`` line itself, before ``ready``.
 
 Usage: ``python -m demo.image --out PATH [--cache DIR]``.
 """
@@ -140,6 +150,55 @@ md() {
         | head -n 1 | tr -d "\r\"'" | sed 's/[[:space:]]*$//'
 }
 
+run_script() {
+    chmod 0700 "$1"
+    (cd / && exec "$1" </dev/null)
+}
+
+# A MIME multipart user-data: each part in order, as cloud-init would type it.
+run_multipart() {
+    rm -rf /tmp/ud
+    mkdir -p /tmp/ud
+    if ! count=$(awk -v dir=/tmp/ud -f /etc/virtfleet/mime.awk "$1"); then
+        say "user-data skipped (unreadable MIME multipart)"
+        return
+    fi
+    say "user-data multipart, $count parts"
+    for t in /tmp/ud/*.type; do
+        [ -e "$t" ] || continue
+        p=${t%.type}
+        i=$(echo "${p##*/}" | sed 's/^0*//')
+        ctype=$(cat "$t")
+        cte=$(cat "$p.cte")
+        case "$cte" in
+            base64)
+                if ! base64 -d "$p.body" >"$p.data" 2>/dev/null; then
+                    say "skipping $ctype part $i (bad base64)"
+                    continue
+                fi
+                ;;
+            7bit|8bit|binary) cp "$p.body" "$p.data" ;;
+            *) say "skipping $ctype part $i ($cte encoding)"; continue ;;
+        esac
+        case "$ctype" in
+            text/plain|text/x-not-multipart)
+                case "$(head -n 1 "$p.data" | tr -d '\r' | tr 'A-Z' 'a-z')" in
+                    '#!'*) ctype=text/x-shellscript ;;
+                    '#cloud-config'*) ctype=text/cloud-config ;;
+                esac
+                ;;
+        esac
+        case "$ctype" in
+            text/x-shellscript)
+                run_script "$p.data"
+                say "user-data part $i exit=$?"
+                ;;
+            text/cloud-config) say "skipping cloud-config part $i" ;;
+            *) say "skipping $ctype part $i" ;;
+        esac
+    done
+}
+
 SEED_DEV=
 tries=0
 while ! find_seed; do
@@ -161,12 +220,14 @@ if [ -n "$SEED_DEV" ]; then
     echo "$HN" >/etc/hostname
     if [ -s /mnt/seed/user-data ]; then
         first=$(head -n 1 /mnt/seed/user-data | tr -d '\r')
-        case "$first" in
+        case "$(printf '%s' "$first" | tr 'A-Z' 'a-z')" in
             '#!'*)
                 cp /mnt/seed/user-data /tmp/user-data
-                chmod 0700 /tmp/user-data
-                (cd / && exec /tmp/user-data </dev/null)
+                run_script /tmp/user-data
                 say "user-data exit=$?"
+                ;;
+            mime-version:*|content-type:*multipart/*)
+                run_multipart /mnt/seed/user-data
                 ;;
             *)
                 say "user-data skipped ($(printf '%s' "$first" | cut -c 1-60))"
@@ -227,6 +288,84 @@ esac
 exit 0
 """
 
+MIME_AWK = r"""# Split a MIME multipart (the seed's user-data) into its top-level parts.
+# For part N (001, 002, ...) it writes DIR/N.type (content type, lower case, text/plain if
+# none), DIR/N.cte (transfer encoding, lower case, 7bit if none) and DIR/N.body (the body as
+# it is, without the line break that belongs to the next boundary). Prints the part count;
+# exits 2 if the top header has no boundary, 3 if no closing boundary was found.
+function trim(s) { sub(/^[ \t]+/, "", s); sub(/[ \t]+$/, "", s); return s }
+function param(h, name,    l, i, rest) {
+    l = tolower(h)
+    i = index(l, name "=")
+    if (i == 0) return ""
+    rest = substr(h, i + length(name) + 1)
+    if (substr(rest, 1, 1) == "\"") {
+        rest = substr(rest, 2)
+        i = index(rest, "\"")
+        return i ? substr(rest, 1, i - 1) : rest
+    }
+    i = match(rest, /[; \t]/)
+    return i ? substr(rest, 1, i - 1) : rest
+}
+function header(h,    i, name, value) {
+    i = index(h, ":")
+    if (i == 0) return
+    name = tolower(trim(substr(h, 1, i - 1)))
+    value = trim(substr(h, i + 1))
+    if (name == "content-type") {
+        if (state == "top") { boundary = param(value, "boundary"); return }
+        sub(/;.*/, "", value)
+        ctype = tolower(trim(value))
+    } else if (name == "content-transfer-encoding" && state == "head") {
+        cte = tolower(value)
+    }
+}
+BEGIN { state = "top"; n = 0; cur = "" }
+{
+    line = $0
+    sub(/\r$/, "", line)
+}
+state == "top" || state == "head" {
+    if (line ~ /^[ \t]/ && cur != "") { cur = cur " " trim(line); next }
+    if (cur != "") header(cur)
+    cur = ""
+    if (line != "") { cur = line; next }
+    if (state == "top") {
+        if (boundary == "") { bad = 2; exit }
+        state = "preamble"
+    } else {
+        print ctype > (prefix ".type"); close(prefix ".type")
+        print cte > (prefix ".cte"); close(prefix ".cte")
+        printf "" > (prefix ".body")
+        state = "body"; pending = 0
+    }
+    next
+}
+state == "preamble" || state == "body" {
+    sub(/[ \t]+$/, "", line)
+    if (line == "--" boundary || line == "--" boundary "--") {
+        if (state == "body") {
+            if (pending) printf "%s", held > (prefix ".body")
+            close(prefix ".body")
+        }
+        if (line == "--" boundary "--") { state = "end"; exit 0 }
+        n++
+        prefix = sprintf("%s/%03d", dir, n)
+        ctype = "text/plain"; cte = "7bit"; state = "head"
+        next
+    }
+    if (state == "body") {
+        if (pending) print held > (prefix ".body")
+        held = $0; pending = 1
+    }
+}
+END {
+    if (bad) exit bad
+    if (state != "end") exit 3
+    print n
+}
+"""
+
 POWER_BUTTON_SCRIPT = r"""#!/bin/sh
 printf '\nvirtfleet-demo: power button, powering off\n' >/dev/console
 sync
@@ -237,7 +376,7 @@ PROFILE = r"""PS1='\h \w # '
 export PS1
 """
 
-_BUILDER_REVISION = "1"
+_BUILDER_REVISION = "2"
 
 IMAGE_TAG = hashlib.sha256(
     "\0".join(
@@ -246,6 +385,7 @@ IMAGE_TAG = hashlib.sha256(
             SYSLINUX_CFG,
             INIT_SCRIPT,
             UDHCPC_SCRIPT,
+            MIME_AWK,
             POWER_BUTTON_SCRIPT,
             PROFILE,
             " ".join(GUEST_MODULES),
@@ -558,6 +698,7 @@ def build_initramfs(kernel: KernelTree, dest: Path) -> list[str]:
         cpio.symlink("bin/sh", "busybox")
         cpio.file("init", INIT_SCRIPT.encode(), 0o755)
         cpio.file("etc/virtfleet/udhcpc.script", UDHCPC_SCRIPT.encode(), 0o755)
+        cpio.file("etc/virtfleet/mime.awk", MIME_AWK.encode())
         cpio.file("etc/acpi/PWRF/00000080", POWER_BUTTON_SCRIPT.encode(), 0o755)
         cpio.file("etc/profile", PROFILE.encode())
         cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
