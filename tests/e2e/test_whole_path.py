@@ -1,5 +1,6 @@
-"""A VM submitted through the API boots: web, scheduler and worker as separate processes over
-real Redis and libvirtd, the demo guest under QEMU TCG, and nothing left after delete."""
+"""A VM submitted through the API boots and reaches `ready`: web, scheduler and worker as
+separate processes over real Redis and libvirtd, the demo guest under QEMU TCG, its ready line
+seen on the serial console, each step's time shown, and nothing left after delete."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from bench.cluster import Cluster
+from fleet import contract as c
 from fleet.config import load_settings
 from fleet.store.models import Claim
 from fleet.store.session import Store
@@ -43,8 +45,8 @@ def test_vm_boots_through_the_whole_system_and_delete_leaves_nothing(cluster: Cl
     vm, job = r.json()["vm"], r.json()["job"]
     assert vm["state"] == "building" and vm["host"] == "local"
 
-    running = cluster.api.wait_vm(vm["id"], ("running", "error"), timeout=120)
-    assert running["state"] == "running", running
+    running = cluster.api.wait_vm(vm["id"], ("running", "ready", "error"), timeout=120)
+    assert running["state"] in ("running", "ready"), running
     assert [s["state"] for s in running["steps"]][:2] == ["building", "running"]
     assert cluster.api.get(f"/jobs/{job['id']}").json()["state"] == "done"
 
@@ -55,6 +57,20 @@ def test_vm_boots_through_the_whole_system_and_delete_leaves_nothing(cluster: Cl
         assert f"virtfleet-demo: instance-id={vm['id']}" in text
         assert "virtfleet-demo: hostname=e2e-one" in text
         assert "user-data-says-42" in text
+
+        # ready: the host saw the ready line of the user-data's ready part on the console
+        ready = cluster.api.wait_vm(vm["id"], ("ready", "error"), timeout=120)
+        assert ready["state"] == "ready", ready
+        assert c.READY_MARKER in console(cluster, vm["id"])
+        assert 0 < ready["boot_seconds"] < 120 and ready["ready_at"]
+        assert [s["state"] for s in ready["steps"]][:3] == ["building", "running", "ready"]
+        timings = {t["step"]: t for t in ready["timings"]}
+        for step in ("placement", "queued", "image", "overlay", "seed", "define", "boot"):
+            assert step in timings and timings[step]["seconds"] is not None, ready["timings"]
+            assert not timings[step]["failed"]
+        assert timings["boot"]["seconds"] == round(ready["boot_seconds"], 3)
+        events = cluster.api.get("/events", params={"vm_id": vm["id"]}).json()
+        assert [e["host"] for e in events if e["type"] == c.EV_VM_READY] == ["local"]
 
         host = cluster.api.get("/hosts/local").json()
         assert host["used_vcpus"] == 1 and host["used_memory_mb"] == 192
