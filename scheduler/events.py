@@ -343,9 +343,9 @@ def _snapshot_row(session: Session, vm_id: str, name: str) -> Snapshot | None:
 
 def first_boot_done(session: Session, vm: VM, action: str, args: dict[str, Any]) -> bool:
     """Whether the guest the VM runs after `action` has finished its first boot: it had
-    (ready_at), and the action did not bring back a disk from before that (a rebuild, or a
-    snapshot taken before ready_at)."""
-    if vm.ready_at is None or action == "rebuild":
+    (ready_at: a rebuild that replaced the disk has cleared it), and the action did not
+    bring back a disk from before that (a snapshot taken before ready_at)."""
+    if vm.ready_at is None:
         return False
     if action == "snapshot_revert":
         snap = _snapshot_row(session, vm.id, args.get("name", ""))
