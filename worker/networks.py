@@ -12,7 +12,8 @@ The three modes:
 
 - ``nat``: ``<forward mode='nat'/>``, a bridge of its own (``vfbr`` + a hash of the name),
   the gateway as the host's address with the cidr's netmask, libvirt's DHCP (dnsmasq) for
-  ``dhcp_start``..``dhcp_end``, and ``spec.dns`` as dnsmasq's upstream forwarders;
+  ``dhcp_start``..``dhcp_end``, and ``spec.dns`` (but the gateway, dnsmasq itself) as
+  dnsmasq's upstream forwarders (none: the host's own resolvers);
 - ``isolated``: the same without ``<forward>`` (guests reach each other and the host only);
 - ``bridge``: ``<forward mode='bridge'/>`` onto the existing host bridge ``spec.bridge``
   (addressing is the LAN's own).
@@ -109,7 +110,11 @@ def network_xml(spec: NetworkSpec | Mapping[str, Any]) -> str:
             ET.SubElement(root, "forward", mode="nat")
         ET.SubElement(root, "bridge", name=bridge_name(str(spec["name"])), stp="on",
                       delay="0")
-        servers = [str(s) for s in spec.get("dns") or []]
+        # The gateway is this network's own dnsmasq (the default resolver of its guests): as a
+        # forwarder dnsmasq would ignore it and, told not to read resolv.conf, have no upstream.
+        gateway = ipaddress.ip_address(str(spec["gateway"]))
+        servers = [str(s) for s in spec.get("dns") or []
+                   if ipaddress.ip_address(str(s)) != gateway]
         if servers:
             dns = ET.SubElement(root, "dns")
             for server in servers:

@@ -62,6 +62,11 @@ def test_nat_and_isolated_content() -> None:
                                          gateway="172.16.0.1", dhcp_start="172.16.1.1",
                                          dhcp_end="172.16.1.99")))
     assert iso.find("forward") is None and iso.find("dns") is None
+    # the gateway is dnsmasq itself, never its own forwarder (the API's default dns)
+    own = ET.fromstring(network_xml(spec(dns=["10.77.0.1"])))
+    assert own.find("dns") is None
+    mixed = ET.fromstring(network_xml(spec(dns=["10.77.0.1", "192.0.2.53"])))
+    assert [f.get("addr") for f in mixed.findall("dns/forwarder")] == ["192.0.2.53"]
     assert iso.find("ip").get("netmask") == "255.255.0.0"
     # no range: no DHCP
     assert ET.fromstring(network_xml(spec(dhcp_start="", dhcp_end=""))).find("ip/dhcp") is None
