@@ -142,3 +142,26 @@ def test_dead_host_goes_down_and_failed_build_moves_to_an_alternate(
         for i in range(3):
             r = create(c, f"after-{i}")
             assert r.status_code == 202 and r.json()["vm"]["host"] != holder, r.text
+
+
+def test_a_fleet_network_is_realised_on_the_host_of_its_vm(three_hosts: Cluster) -> None:
+    # A test:///file host keeps its networks inside the worker's own connection, out of
+    # this process's sight: the worker's log says when it defined and started one.
+    c = three_hosts
+    r = c.api.post("/networks", json={"name": "lab", "mode": "nat", "cidr": "10.123.0.0/24"})
+    assert r.status_code == 201, r.text
+    r = create(c, "on-lab", network="lab")
+    assert r.status_code == 202, r.text
+    vm = c.api.wait_vm(r.json()["vm"]["id"], ("running", "error"), timeout=60)
+    assert vm["state"] == "running" and vm["network"] == "lab", vm
+    realised = "libvirt network vf-lab (fleet network lab, nat) is defined and active"
+    logs = {h: c.log_path(f"worker-{h}").read_text(errors="replace") for h in ("h1", "h2", "h3")}
+    assert [h for h, text in logs.items() if realised in text] == [vm["host"]]
+
+    # a second VM on that host: the network is used as it is, not defined again
+    assert c.api.call("PATCH", "/hosts/" + vm["host"], json={"labels": {"lab": "yes"}}).ok
+    r = create(c, "on-lab-2", network="lab", constraints={"lab": "yes"})
+    assert r.status_code == 202, r.text
+    second = c.api.wait_vm(r.json()["vm"]["id"], ("running", "error"), timeout=60)
+    assert second["state"] == "running" and second["host"] == vm["host"], second
+    assert c.log_path(f"worker-{vm['host']}").read_text(errors="replace").count(realised) == 1
