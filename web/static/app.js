@@ -163,6 +163,26 @@
       ? `${step.state} ${step.seconds.toFixed(1)} s` : step.state)).join(" → ");
   }
 
+  /** One line under the state: how long the build took up to ready (its steps as a tooltip),
+   * the step it is in, or the host's measure of the first boot (the list has no steps). */
+  function timingsLine(vm) {
+    const timings = Array.isArray(vm.timings) ? vm.timings : [];
+    const secs = (t) => (typeof t.seconds === "number" ? `${t.seconds.toFixed(1)} s` : "…");
+    const title = timings.map((t) => `${t.step} ${secs(t)}${t.failed ? " (failed)" : ""}`)
+      .join(" · ") || null;
+    let text = "";
+    if (vm.state === "ready" && timings.length) {
+      const total = timings.reduce((sum, t) => sum + (t.seconds || 0), 0);
+      text = `ready in ${total.toFixed(1)} s`;
+    } else if (vm.state === "ready" && typeof vm.boot_seconds === "number") {
+      text = `booted in ${vm.boot_seconds.toFixed(1)} s`;
+    } else if (timings.length && timings[timings.length - 1].seconds === null
+               && ["building", "running"].includes(vm.state)) {
+      text = `${timings[timings.length - 1].step}…`;
+    }
+    return text ? el("span", { class: "sub timings", text, title }) : null;
+  }
+
   function stateBadge(state, steps) {
     const known = STATES.includes(state) ? state : "unknown";
     return el("span", {
@@ -172,6 +192,8 @@
 
   function buildRowCells(vm) {
     const stateCell = el("td", { class: "state" }, [stateBadge(vm.state, vm.steps)]);
+    const timings = timingsLine(vm);
+    if (timings) stateCell.appendChild(timings);
     if ((vm.state === "error" || vm.state === "unknown") && (vm.state_reason || vm.failed_step)) {
       const reason = vm.failed_step
         ? `${vm.failed_step}: ${vm.state_reason || "failed"}` : vm.state_reason;
