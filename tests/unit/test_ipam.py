@@ -196,3 +196,14 @@ def test_concurrent_allocations_never_share_an_address(store: Store, threads: in
         assert s.scalar(select(func.count()).select_from(IPAllocation)) == 6
     if store.url.startswith("postgresql"):
         assert any("taken meanwhile" in r.getMessage() for r in caplog.records)
+
+
+def test_allocating_under_the_network_lock_the_create_takes(store: Store) -> None:
+    """As web.vmops does: the network read FOR KEY SHARE (a delete waits), then allocate."""
+    from web.api.networks import find_network
+    net = add_network(store)
+    vms = add_vms(store, 2)
+    for vm_id, want in zip(vms, ("10.9.0.2", "10.9.0.3"), strict=True):
+        with store.session() as s:
+            assert ipam.allocate(s, find_network(s, "lab", lock=True), vm_id) == want
+            assert ipam.held(s, net) == int(want.rsplit(".", 1)[1]) - 1
