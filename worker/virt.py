@@ -221,6 +221,12 @@ class Virt:
                                 _code(exc)) from None
         return None  # not reached
 
+    def network_names(self) -> list[str]:
+        """Names of every libvirt network of the host (active or not)."""
+        conn = self._connection()
+        with _errors("list networks"):
+            return sorted(str(net.name()) for net in conn.listAllNetworks(0))
+
     def network_state(self, name: str) -> dict[str, bool] | None:
         """``{active, autostart, persistent}`` of libvirt network ``name``; None if absent."""
         net = self._network(name)
