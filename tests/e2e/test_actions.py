@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from bench.cluster import Cluster
+from fleet import contract as c
 from worker import images
 from worker.virt import Virt
 
@@ -136,8 +137,13 @@ def test_every_action_on_one_guest(cluster: Cluster) -> None:
     assert r.status_code == 202, r.text
     g = Guest(cluster, r.json()["vm"])
     try:
-        assert cluster.api.wait_vm(g.id, ("running", "error"))["state"] == "running"
+        assert cluster.api.wait_vm(g.id, ("running", "ready", "error"))["state"] != "error"
         text = g.wait_console("boot-count=1")
+        # ready: its host saw the ready line on the console (cloud-init's first boot done)
+        ready = cluster.api.wait_vm(g.id, ("ready", "error"), timeout=120)
+        assert ready["state"] == "ready" and ready["boot_seconds"] > 0, ready
+        markers = g.count(c.READY_MARKER)
+        assert markers == 1
         g.timings.append(("create (to boot-count=1)", time.monotonic() - t0, 0.0))
         mac = g.xml().find("devices/interface/mac").get("address")  # type: ignore[union-attr]
         assert mac == g.vm["mac"]
@@ -151,9 +157,9 @@ def test_every_action_on_one_guest(cluster: Cluster) -> None:
             assert time.monotonic() < deadline, g.show()["addresses"]
             time.sleep(0.25)
 
-        # -- refusals while running
+        # -- refusals while running (and ready)
         body = g.refused(409, "resize", vcpus=2)
-        assert "needs `stopped`" in body["message"] and "`running`" in body["message"]
+        assert "needs `stopped`" in body["message"] and "`ready`" in body["message"]
         assert g.refused(409, "start")["errors"]["allowed"] == ["stopped", "error"]
         assert g.refused(422, "stop", timeout=5, please=True)["errors"]
 
@@ -163,16 +169,16 @@ def test_every_action_on_one_guest(cluster: Cluster) -> None:
         assert "virtfleet-demo: power button, powering off" in g.console()
         assert g.show()["addresses"] == []
 
-        # -- start
-        g.act("start", ("running",), until=lambda: 2 in g.boot_counts())
+        # -- start: a guest whose first boot is done is `ready` again at once
+        g.act("start", ("ready",), until=lambda: 2 in g.boot_counts() and g.count(READY) == 2)
         assert g.state() == "running"
 
         # -- reboot: a second (here third) boot on the console
-        g.act("reboot", ("running",), until=lambda: 3 in g.boot_counts())
+        g.act("reboot", ("ready",), until=lambda: 3 in g.boot_counts() and g.count(READY) == 3)
         assert g.state() == "running" and g.count(READY) == 3
 
         # -- snapshot of the running guest: memory and disk, internal to the qcow2
-        g.act("snapshot_create", ("running",), path="/snapshots", name="s1")
+        g.act("snapshot_create", ("ready",), path="/snapshots", name="s1")
         assert g.snapshots() == ["s1"] and g.virt.snapshot_current(g.id) == "s1"
         info = images.info(g.disk, "qcow2")
         [snap] = info["snapshots"]
@@ -180,7 +186,7 @@ def test_every_action_on_one_guest(cluster: Cluster) -> None:
         assert [(s["name"], s["state"]) for s in
                 cluster.api.get(f"/vms/{g.id}/snapshots").json()] == [("s1", "ready")]
 
-        g.act("reboot", ("running",), until=lambda: 4 in g.boot_counts())
+        g.act("reboot", ("ready",), until=lambda: 4 in g.boot_counts() and g.count(READY) == 4)
 
         # -- force off
         g.act("force_off", ("stopped",))
@@ -189,11 +195,11 @@ def test_every_action_on_one_guest(cluster: Cluster) -> None:
 
         # -- revert: the guest runs again from the snapshot's memory (no boot), and its disk
         #    is the snapshot's: the next boot counts 4 again, not 5
-        g.act("snapshot_revert", ("running",), path="/snapshots/s1/revert")
+        g.act("snapshot_revert", ("ready",), path="/snapshots/s1/revert")
         assert g.state() == "running" and g.virt.snapshot_current(g.id) == "s1"
         time.sleep(2)
         assert g.count(READY) == readies
-        g.act("reboot", ("running",), until=lambda: g.boot_counts().count(4) == 2)
+        g.act("reboot", ("ready",), until=lambda: g.boot_counts().count(4) == 2)
         assert g.boot_counts() == [1, 2, 3, 4, 4]
 
         # -- a snapshot of the stopped guest (disk only), refusals, deletes
@@ -223,10 +229,16 @@ def test_every_action_on_one_guest(cluster: Cluster) -> None:
         assert images.info(g.disk, "qcow2")["virtual-size"] == 2 * GIB
 
         # -- rebuild: same id, name and MAC, a fresh disk (the counter starts again) at the
-        #    new size, a fresh boot with the same instance-id
+        #    new size, a fresh boot with the same instance-id; `running` until the new boot
+        #    prints its own ready line (the log keeps the earlier boots' lines)
         before = g.count(f"virtfleet-demo: instance-id={g.id}")
+        markers = g.count(c.READY_MARKER)
         vm = g.act("rebuild", ("running",),
                    until=lambda: g.boot_counts()[-1:] == [1] and len(g.boot_counts()) == 6)
+        ready = cluster.api.wait_vm(g.id, ("ready", "error"), timeout=120)
+        assert ready["state"] == "ready", ready
+        assert g.count(c.READY_MARKER) == markers + 1
+        assert ready["boot_seconds"] > 2, ready  # this boot's line, not an old one at once
         assert (vm["id"], vm["name"], vm["mac"]) == (g.id, "acts", g.vm["mac"])
         root = g.xml()
         assert root.findtext("uuid") == g.id and root.findtext("vcpu") == "2"
