@@ -107,6 +107,8 @@ def test_env_overrides_file_and_keywords_override_env(tmp_path: Path) -> None:
     ({"VIRTFLEET_REDIS_URL": "http://127.0.0.1:6379"}, "redis_url"),
     ({"VIRTFLEET_DATABASE_URL": "mysql://db/vf"}, "database_url"),
     ({"VIRTFLEET_WEB_BIND": "8080"}, "web_bind"),
+    ({"VIRTFLEET_READY_TIMEOUT": "-1"}, "ready_timeout"),
+    ({"VIRTFLEET_READY_TIMEOUT": "soon"}, "ready_timeout"),
 ])
 def test_bad_env_value_names_the_setting(env: dict[str, str], setting: str) -> None:
     with pytest.raises(ConfigError, match=f"'{setting}'"):
@@ -146,3 +148,8 @@ def test_system_config_file_is_read_when_present(monkeypatch: pytest.MonkeyPatch
 def test_unknown_env_variables_are_ignored() -> None:
     s = load({"VIRTFLEET_NOT_A_SETTING": "x", "VIRTFLEET_TEST_PG_URL": "postgresql://x"})
     assert s.virt_type == "auto"
+
+
+def test_ready_timeout_zero_means_no_limit() -> None:
+    assert load({}).ready_timeout == 900.0
+    assert load({"VIRTFLEET_READY_TIMEOUT": "0"}).ready_timeout == 0.0
