@@ -7,15 +7,17 @@ so a VM row and its claim are written together or not at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
+from fleet.store.fast import FastStatement
 from fleet.store.models import VM, Claim, Host, ServerGroup, utcnow
 from scheduler import hostcache
-from scheduler.placement import HostSnapshot, Request, default_weighers, rank
+from scheduler.placement import HostSnapshot, Request, Weigher, default_weighers, rank
 
 MAX_ALTERNATES = 2
 """Hosts kept beside the chosen one for a rebuild after a failed build."""
@@ -40,7 +42,7 @@ def snapshot(host: Host, settings: Settings, vm_count: int = 0, builds: int = 0
         max_vms=host.max_vms, vm_count=vm_count, builds=builds)
 
 
-def load_snapshots(session: Session, settings: Settings,
+def load_snapshots(session: Session | Connection, settings: Settings,
                    only: frozenset[str] | None = None) -> list[HostSnapshot]:
     """Every host (or those in `only`) as it is now, with its VM and build counts: one Core
     statement in the caller's transaction (no ORM objects, nothing cached)."""
@@ -82,58 +84,116 @@ _CAS = (update(Host)
 """The compare-and-set, built once: Core statements on the session's connection (the ORM's
 unit of work costs more than the claim itself at a thousand decisions a second)."""
 
+_RECORD = insert(Claim)
+"""The claim's row (SQLite: the second statement of a claim)."""
 
-def try_claim(session: Session, host: HostSnapshot, vm_id: str, req: Request) -> bool:
+_cas_returning = _CAS.returning(Host.id).cte("cas")
+_CAS_AND_RECORD = insert(Claim).from_select(
+    ["vm_id", "host_id", "vcpus", "memory_mb", "disk_gb", "created_at"],
+    select(bindparam("claim_vm", type_=Claim.vm_id.type), _cas_returning.c.id,
+           bindparam("v", type_=Claim.vcpus.type), bindparam("m", type_=Claim.memory_mb.type),
+           bindparam("d", type_=Claim.disk_gb.type),
+           bindparam("claim_at", type_=Claim.created_at.type))).returning(Claim.id)
+"""PostgreSQL: the compare-and-set and the claim's row in one statement (one round trip):
+the row is written only when the UPDATE matched. (Parameter names must not be column names
+of `hosts`: Core would take them for more values to SET.)"""
+
+
+_FAST_CAS = FastStatement(_CAS, ("hid", "gen", "v", "m", "d"))
+_FAST_RECORD = FastStatement(_RECORD, ("vm_id", "host_id", "vcpus", "memory_mb", "disk_gb",
+                                       "created_at"))
+_FAST_CAS_AND_RECORD = FastStatement(_CAS_AND_RECORD, ("hid", "gen", "v", "m", "d",
+                                                       "claim_vm", "claim_at"))
+"""The same statements run on the driver's connection (fleet/store/fast.py): SQLAlchemy's
+per-statement work was most of a decision's time."""
+
+
+def try_claim(session: Session | Connection, host: HostSnapshot, vm_id: str,
+              req: Request) -> bool:
     """Take `req` on `host` if its generation is still the one we saw. True if taken."""
-    conn = session.connection()
-    taken = conn.execute(_CAS, {"hid": host.id, "gen": host.generation, "v": req.vcpus,
-                                "m": req.memory_mb, "d": req.disk_gb}).rowcount == 1
-    if taken:
-        conn.execute(insert(Claim), {"vm_id": vm_id, "host_id": host.id, "vcpus": req.vcpus,
-                                     "memory_mb": req.memory_mb, "disk_gb": req.disk_gb,
-                                     "created_at": utcnow()})
-    return taken
+    conn = session if isinstance(session, Connection) else session.connection()
+    cas = {"hid": host.id, "gen": host.generation, "v": req.vcpus, "m": req.memory_mb,
+           "d": req.disk_gb}
+    if conn.dialect.name == "postgresql":
+        cas.update(claim_vm=vm_id, claim_at=utcnow())
+        return _FAST_CAS_AND_RECORD.execute(conn, cas).fetchone() is not None
+    if _FAST_CAS.execute(conn, cas).rowcount != 1:
+        return False
+    _FAST_RECORD.execute(conn, {"vm_id": vm_id, "host_id": host.id, "vcpus": req.vcpus,
+                                "memory_mb": req.memory_mb, "disk_gb": req.disk_gb,
+                                "created_at": utcnow()})
+    return True
 
 
-def place_and_claim(session: Session, vm: VM, req: Request, settings: Settings,
-                    only: frozenset[str] | None = None) -> Host:
-    """Rank the hosts for `req` and claim on the first that is still as we saw it.
+@dataclass(frozen=True)
+class Placement:
+    """Where a VM went: the host as its claim left it, and the next best hosts."""
 
-    `only` limits the candidates (a reschedule onto alternates). Sets the VM's host and
-    alternates. Raises NoValidHost with per-filter counts.
+    host: HostSnapshot
+    alternates: list[str]
+
+
+_WEIGHERS: dict[str, tuple[Weigher, ...]] = {}
+
+
+def _weighers(policy: str) -> tuple[Weigher, ...]:
+    weighers = _WEIGHERS.get(policy)
+    if weighers is None:
+        weighers = _WEIGHERS[policy] = default_weighers(policy)
+    return weighers
+
+
+def claim(session: Session | Connection, vm_id: str, req: Request, settings: Settings,
+          only: frozenset[str] | None = None) -> Placement:
+    """Rank the hosts for `req` and claim on the first that is still as we saw it, in the
+    session's transaction, for the VM `vm_id` (whose row the caller writes or updates).
+    `session` may also be the Connection of a `Store.transaction()` (no ORM at all: the
+    placement decision at its cheapest).
+
+    `only` limits the candidates (a reschedule onto alternates). Raises NoValidHost with
+    per-filter counts.
 
     Hosts come from the process's host cache (hostcache.py) unless `only` is given or the
     cache is off: a stale host loses its compare-and-set, is re-read, and the next candidate
     is tried. A refusal is never made on cached hosts alone: they are read again first.
     """
-    weighers = default_weighers(settings.placement_policy)
+    weighers = _weighers(settings.placement_policy)
     cached = None if only is not None else hostcache.for_session(session, settings)
     fresh = cached is None
     for _ in range(CLAIM_ROUNDS):
         hosts: Sequence[HostSnapshot] = (load_snapshots(session, settings, only)
                                          if cached is None else cached.hosts())
         ranking = rank(hosts, req, weighers=weighers, top_random=settings.host_subset_size)
-        if not ranking.hosts and not fresh:
+        if not len(ranking) and not fresh:
             assert cached is not None
             fresh = True
             hosts = cached.hosts(reload=True)
             ranking = rank(hosts, req, weighers=weighers, top_random=settings.host_subset_size)
-        if not ranking.hosts:
+        if not len(ranking):
             raise NoValidHost(_no_host_message(len(hosts), ranking.removed),
                               {"filters": ranking.removed, "hosts": len(hosts)})
-        for i, cand in enumerate(ranking.hosts):
-            if try_claim(session, cand, vm.id, req):
+        for i in range(len(ranking)):
+            best = ranking.top(i + 1 + MAX_ALTERNATES)
+            cand = best[i]
+            if try_claim(session, cand, vm_id, req):
+                taken = hostcache.after_claim(cand, req)
                 if cached is not None:
-                    cached.claimed(cand, req)
-                chosen = session.get(Host, cand.id, populate_existing=True)
-                assert chosen is not None
-                vm.host_id = chosen.id
-                vm.alternates = [h.name for h in ranking.hosts[i + 1:i + 1 + MAX_ALTERNATES]]
-                return chosen
+                    cached.claimed(taken)
+                return Placement(taken, [h.name for h in best[i + 1:]])
             if cached is not None:
                 cached.lost(cand)
     raise NoValidHost("every candidate host was taken by concurrent requests; try again",
                       {"filters": ranking.removed, "hosts": len(hosts)})
+
+
+def place_and_claim(session: Session, vm: VM, req: Request, settings: Settings,
+                    only: frozenset[str] | None = None) -> HostSnapshot:
+    """`claim` for a VM row: sets its host and alternates, returns the chosen host as the
+    claim left it."""
+    placed = claim(session, vm.id, req, settings, only)
+    vm.host_id = placed.host.id
+    vm.alternates = placed.alternates
+    return placed.host
 
 
 def release(session: Session, vm_id: str) -> bool:

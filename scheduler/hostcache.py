@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session
 
 from fleet.config import Settings
 from fleet.store.models import VM, Host
+from fleet.store.session import transaction_of
 from scheduler.snapshot import (
     SNAPSHOT_FIELDS,
     HostSnapshot,
@@ -174,11 +175,14 @@ def read_host(conn: Connection | Session, settings: Settings,
 
 def after_claim(host: HostSnapshot, req: Request) -> HostSnapshot:
     """The host as try_claim leaves it: what the store did, done to the snapshot."""
-    return dataclasses.replace(
-        host, generation=host.generation + 1, used_vcpus=host.used_vcpus + req.vcpus,
-        used_memory_mb=host.used_memory_mb + req.memory_mb,
-        used_disk_gb=host.used_disk_gb + req.disk_gb, vm_count=host.vm_count + 1,
-        builds=host.builds + 1)
+    values = dict(host.__dict__)  # as snapshot_from_values, without replace()'s __init__
+    values.update(generation=host.generation + 1, used_vcpus=host.used_vcpus + req.vcpus,
+                  used_memory_mb=host.used_memory_mb + req.memory_mb,
+                  used_disk_gb=host.used_disk_gb + req.disk_gb, vm_count=host.vm_count + 1,
+                  builds=host.builds + 1)
+    snap = object.__new__(HostSnapshot)
+    snap.__dict__.update(values)
+    return snap
 
 
 class HostCache:
@@ -360,12 +364,26 @@ class SessionHosts:
     """The cache as one transaction sees it: the shared table plus this transaction's
     overlay (its own claims, hosts it re-read after a lost compare-and-set)."""
 
-    def __init__(self, cache: HostCache, session: Session, settings: Settings) -> None:
+    def __init__(self, cache: HostCache, session: Session | Connection,
+                 settings: Settings) -> None:
         self.cache = cache
         self.session = session
         self.settings = settings
-        pending = session.info.setdefault(_SESSION_KEY, {})
-        self.pending: dict[int, HostSnapshot | None] = pending.setdefault(cache.url, {})
+        self.pending: dict[int, HostSnapshot | None]
+        if isinstance(session, Session):
+            pending = session.info.setdefault(_SESSION_KEY, {})
+            self.pending = pending.setdefault(cache.url, {})
+            return
+        # A Store.transaction(): the overlay lives in its Transaction and is merged once it
+        # has committed (a savepoint's rollback drops it, as after_soft_rollback does).
+        txn = transaction_of(session)
+        assert txn is not None
+        key = (_SESSION_KEY, cache.url)
+        found = txn.data.get(key)
+        if found is None:
+            found = txn.data[key] = {}
+            txn.after_commit(lambda: cache.merge(found) if found else None)
+        self.pending = found
 
     def hosts(self, reload: bool = False) -> HostTable:
         """The hosts to rank (`reload`: read them all again first)."""
@@ -374,9 +392,9 @@ class SessionHosts:
             table = self.cache.table(self.settings)
         return overlay(table, self.pending) if self.pending else table
 
-    def claimed(self, host: HostSnapshot, req: Request) -> None:
-        """Our claim on `host` went through (in our transaction)."""
-        self.pending[host.id] = after_claim(host, req)
+    def claimed(self, host: HostSnapshot) -> None:
+        """Our claim went through (in our transaction), leaving `host` so (after_claim)."""
+        self.pending[host.id] = host
 
     def lost(self, host: HostSnapshot) -> None:
         """Our compare-and-set on `host` failed: read it again, as our transaction sees it."""
@@ -440,13 +458,20 @@ def cache_for(url: str, ttl: float) -> HostCache:
         return cache
 
 
-def for_session(session: Session, settings: Settings) -> SessionHosts | None:
-    """The cached hosts for a placement in `session`'s transaction; None when the cache is
-    off (`host_cache_ttl` 0) or cannot serve this database (SQLite in memory)."""
+def for_session(session: Session | Connection, settings: Settings) -> SessionHosts | None:
+    """The cached hosts for a placement in `session`'s transaction (an ORM Session, or the
+    Connection of a Store.transaction()); None when the cache is off (`host_cache_ttl` 0),
+    cannot serve this database (SQLite in memory), or the connection is not a
+    Store.transaction()'s (nothing would merge its claims, nor drop them on rollback)."""
     if settings.host_cache_ttl <= 0:
         return None
-    bind = session.get_bind()
-    engine = bind if isinstance(bind, Engine) else bind.engine
+    if isinstance(session, Connection):
+        if transaction_of(session) is None:
+            return None
+        engine = session.engine
+    else:
+        bind = session.get_bind()
+        engine = bind if isinstance(bind, Engine) else bind.engine
     key = _keys.get(engine, False)
     if key is False:
         url = engine.url

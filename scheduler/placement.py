@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,15 +57,103 @@ VECTOR_MIN_HOSTS = 64
 the scalar path is faster than building the table."""
 
 
-@dataclass
 class Ranking:
     """The outcome: hosts best first, how many hosts each filter removed, their scores,
-    and (for a dry run) one verdict per host."""
+    and (for a dry run) one verdict per host.
 
-    hosts: list[HostSnapshot]
-    removed: dict[str, int]
-    scores: dict[str, float]
-    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    The vectorized path keeps its order as index arrays and builds `hosts` and `scores`
+    only when asked: a claim usually needs the first few hosts (`top`), and turning a
+    thousand survivors into a list and a dict would cost more than ranking them.
+    """
+
+    def __init__(self, hosts: list[HostSnapshot], removed: dict[str, int],
+                 scores: dict[str, float], verdicts: list[dict[str, Any]] | None = None
+                 ) -> None:
+        self.removed = removed
+        self.verdicts: list[dict[str, Any]] = verdicts if verdicts is not None else []
+        self._hosts: list[HostSnapshot] | None = hosts
+        self._scores: dict[str, float] | None = scores
+        self._count = len(hosts)
+        self._table: HostTable | None = None
+        self._idx = self._totals = self._order = _EMPTY
+        self._head: list[int] = []
+
+    @classmethod
+    def _ordered(cls, table: HostTable, idx: np.ndarray, totals: np.ndarray,
+                 removed: dict[str, int], top_random: int,
+                 rng: random.Random | None) -> Ranking:
+        """The survivors `idx` (table positions in name order) with their `totals`; the
+        best `top_random` shuffled as the scalar path shuffles them."""
+        self = cls([], removed, {}, [])
+        self._hosts = self._scores = None
+        self._count = int(idx.size)
+        self._table, self._idx, self._totals = table, idx, totals
+        if top_random > 1:
+            head = _best(totals, min(top_random, self._count)).tolist()
+            (rng or random).shuffle(head)
+            self._head = head
+        return self
+
+    def __len__(self) -> int:
+        """How many hosts passed every filter."""
+        return self._count
+
+    def _sorted(self, n: int) -> np.ndarray:
+        """Positions in `idx`/`totals` of the best `n` hosts, in score order (unshuffled).
+        A prefix of the full order is kept; a longer ask sorts again, twice as far."""
+        if self._order.size < min(n, self._count):
+            self._order = _best(self._totals, min(self._count, max(2 * n, 8)))
+        return self._order[:n]
+
+    def _positions(self, n: int) -> np.ndarray:
+        """As `_sorted`, with the best `top_random` in their shuffled order."""
+        order = self._sorted(n)
+        if not self._head:
+            return order
+        head = np.asarray(self._head[:n], dtype=np.int64)
+        return np.concatenate([head, order[head.size:]]) if n > head.size else head
+
+    def top(self, n: int) -> list[HostSnapshot]:
+        """The best `n` hosts (fewer if fewer passed), best first."""
+        if self._hosts is not None:
+            return self._hosts[:n]
+        assert self._table is not None
+        return self._table.snapshot_array[self._idx[self._positions(n)]].tolist()  # type: ignore[no-any-return]
+
+    @property
+    def hosts(self) -> list[HostSnapshot]:
+        """Every host that passed, best first."""
+        if self._hosts is None:
+            self._hosts = self.top(self._count)
+        return self._hosts
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Each passing host's score, best first."""
+        if self._scores is None:
+            assert self._table is not None
+            order = self._sorted(self._count)
+            self._scores = dict(zip(self._table.name_array[self._idx[order]].tolist(),
+                                    self._totals[order].tolist(), strict=True))
+        return self._scores
+
+    def __repr__(self) -> str:
+        return (f"Ranking(hosts={[h.name for h in self.top(5)]}{'...' if len(self) > 5 else ''}"
+                f", removed={self.removed})")
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _best(totals: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` highest totals, best first, ties in position order: the first
+    `n` of a stable argsort of `-totals`, without sorting them all."""
+    neg = -totals
+    if n >= neg.size or neg.size <= 64:
+        return np.argsort(neg, kind="stable")[:n]
+    kth = np.partition(neg, n - 1)[n - 1]
+    candidates = np.flatnonzero(neg <= kth)  # every host that can be among the n best
+    return candidates[np.argsort(neg[candidates], kind="stable")[:n]]
 
 
 def _normalise(values: Sequence[float]) -> list[float]:
@@ -208,12 +295,4 @@ def _rank_vectorized(table: HostTable, req: Request, filters: Sequence[Filter],
         if hi == lo:
             continue  # all 0.0 after normalising: adds nothing
         totals += w.multiplier * ((raw - lo) / (hi - lo))
-    order = np.argsort(-totals, kind="stable")
-    chosen = idx[order]
-    ranked: list[HostSnapshot] = table.snapshot_array[chosen].tolist()
-    scores = dict(zip(table.name_array[chosen].tolist(), totals[order].tolist()))  # noqa: B905
-    if top_random > 1:
-        head = ranked[:top_random]
-        (rng or random).shuffle(head)
-        ranked[:top_random] = head
-    return Ranking(ranked, removed, scores, [])
+    return Ranking._ordered(table, idx, totals, removed, top_random, rng)

@@ -90,6 +90,13 @@ _COLUMNS = ("generation", "alive", "enabled", "maintenance", "free_vcpus", "free
 """The per-host arrays a HostTable patches in place when a host's numbers change."""
 
 
+def _numbers(h: HostSnapshot) -> tuple[Any, ...]:
+    """A host's values in the _COLUMNS arrays, in _COLUMNS order (as `_numeric` makes them)."""
+    return (h.generation, bool(h.alive), bool(h.enabled), bool(h.maintenance), h.free_vcpus,
+            h.free_memory_mb, h.free_disk_gb, math.inf if h.max_vms is None else h.max_vms,
+            h.vm_count, h.builds)
+
+
 def _categorical(h: HostSnapshot) -> tuple[Any, ...]:
     """The fields whose change rebuilds a HostTable's lookups (names, vocabularies, labels,
     image masks) instead of patching its arrays."""
@@ -106,38 +113,24 @@ class HostTable(Sequence[HostSnapshot]):
 
     def __init__(self, hosts: Iterable[HostSnapshot]) -> None:
         self.snapshots: list[HostSnapshot] = list(hosts)
-        self._numeric(range(len(self.snapshots)), fresh=True)
+        self._numeric()
         self._lookups()
 
     # -- building ------------------------------------------------------------------------
 
-    def _numeric(self, rows: Iterable[int], fresh: bool) -> None:
+    def _numeric(self) -> None:
         snaps = self.snapshots
-        if fresh:
-            self.generation = np.array([h.generation for h in snaps], dtype=np.int64)
-            self.alive = np.array([bool(h.alive) for h in snaps], dtype=bool)
-            self.enabled = np.array([bool(h.enabled) for h in snaps], dtype=bool)
-            self.maintenance = np.array([bool(h.maintenance) for h in snaps], dtype=bool)
-            self.free_vcpus = np.array([h.free_vcpus for h in snaps], dtype=np.float64)
-            self.free_memory_mb = np.array([h.free_memory_mb for h in snaps], dtype=np.float64)
-            self.free_disk_gb = np.array([h.free_disk_gb for h in snaps], dtype=np.float64)
-            self.max_vms = np.array([math.inf if h.max_vms is None else h.max_vms
-                                     for h in snaps], dtype=np.float64)
-            self.vm_count = np.array([h.vm_count for h in snaps], dtype=np.float64)
-            self.builds = np.array([h.builds for h in snaps], dtype=np.float64)
-            return
-        for i in rows:
-            h = snaps[i]
-            self.generation[i] = h.generation
-            self.alive[i] = bool(h.alive)
-            self.enabled[i] = bool(h.enabled)
-            self.maintenance[i] = bool(h.maintenance)
-            self.free_vcpus[i] = h.free_vcpus
-            self.free_memory_mb[i] = h.free_memory_mb
-            self.free_disk_gb[i] = h.free_disk_gb
-            self.max_vms[i] = math.inf if h.max_vms is None else h.max_vms
-            self.vm_count[i] = h.vm_count
-            self.builds[i] = h.builds
+        self.generation = np.array([h.generation for h in snaps], dtype=np.int64)
+        self.alive = np.array([bool(h.alive) for h in snaps], dtype=bool)
+        self.enabled = np.array([bool(h.enabled) for h in snaps], dtype=bool)
+        self.maintenance = np.array([bool(h.maintenance) for h in snaps], dtype=bool)
+        self.free_vcpus = np.array([h.free_vcpus for h in snaps], dtype=np.float64)
+        self.free_memory_mb = np.array([h.free_memory_mb for h in snaps], dtype=np.float64)
+        self.free_disk_gb = np.array([h.free_disk_gb for h in snaps], dtype=np.float64)
+        self.max_vms = np.array([math.inf if h.max_vms is None else h.max_vms
+                                 for h in snaps], dtype=np.float64)
+        self.vm_count = np.array([h.vm_count for h in snaps], dtype=np.float64)
+        self.builds = np.array([h.builds for h in snaps], dtype=np.float64)
 
     def _objects(self) -> None:
         self.snapshot_array = np.empty(len(self.snapshots), dtype=object)
@@ -191,9 +184,18 @@ class HostTable(Sequence[HostSnapshot]):
         new.snapshot_array = self.snapshot_array.copy()
         for i, h in changes.items():
             new.snapshot_array[i] = h
-        for name in _COLUMNS:
-            setattr(new, name, getattr(self, name).copy())
-        new._numeric(changes, fresh=False)
+        # Copy only the columns that change (a claim leaves alive, enabled, maintenance and
+        # max_vms as they were): this runs after every claim.
+        rows = [(i, _numbers(h)) for i, h in changes.items()]
+        for c, name in enumerate(_COLUMNS):
+            column = getattr(self, name)
+            copied = None
+            for i, row in rows:
+                if column.item(i) != row[c]:
+                    if copied is None:
+                        copied = column.copy()
+                        setattr(new, name, copied)
+                    copied[i] = row[c]
         return new
 
     def without(self, positions: Iterable[int]) -> HostTable:

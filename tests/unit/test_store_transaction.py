@@ -1,0 +1,251 @@
+"""The placement decision's fast path on a real store: `Store.transaction()` (Core, no ORM),
+statements run on the driver's connection (fleet/store/fast.py), `claims.claim` on such a
+transaction with the host cache, and the ranking's partial order (`Ranking.top`).
+
+Store tests run on a migrated SQLite file and on PostgreSQL (VIRTFLEET_TEST_PG_URL; skipped
+only when it is unset), like tests/unit/test_claims.py.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+
+import numpy as np
+import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from fleet.config import Settings
+from fleet.exceptions import NoValidHost
+from fleet.store.fast import FastStatement
+from fleet.store.migrate import upgrade
+from fleet.store.models import VM, Claim, Host, Image, Project, new_id, utcnow
+from fleet.store.session import Store, transaction_of
+from scheduler import claims, hostcache
+from scheduler.placement import _best, rank
+from scheduler.snapshot import HostSnapshot, HostTable, Request
+
+SETTINGS = Settings(host_name="controller")
+REQ = Request(vcpus=1, memory_mb=512, disk_gb=2)
+
+
+@pytest.fixture
+def store(empty_db_url: str) -> Iterator[Store]:
+    upgrade(empty_db_url)
+    s = Store(empty_db_url)
+    hostcache.reset()
+    try:
+        yield s
+    finally:
+        hostcache.reset()
+        s.dispose()
+
+
+@pytest.fixture
+def project_image(store: Store) -> tuple[int, str]:
+    with store.session() as s:
+        project = Project(name="p")
+        s.add(project)
+        s.flush()
+        image = Image(name="img", project_id=project.id, sha256="ab" * 32)
+        s.add(image)
+        s.flush()
+        return project.id, image.id
+
+
+def add_host(store: Store, name: str, memory_mb: int) -> int:
+    with store.session() as s:
+        host = Host(name=name, vcpus=64, memory_mb=memory_mb, disk_gb=1000, cpu_ratio=1.0,
+                    ram_ratio=1.0, disk_ratio=1.0, labels={}, cached_images=[])
+        s.add(host)
+        s.flush()
+        return host.id
+
+
+VM_KEYS = ("id", "name", "project_id", "image_id", "vcpus", "memory_mb", "disk_gb", "state",
+           "host_id", "alternates", "constraints")
+FAST_VM = FastStatement(insert(VM), VM_KEYS)
+
+
+def vm_values(project_image: tuple[int, str], name: str, host_id: int | None = None
+              ) -> dict[str, object]:
+    project_id, image_id = project_image
+    return {"id": new_id(), "name": name, "project_id": project_id, "image_id": image_id,
+            "vcpus": 1, "memory_mb": 512, "disk_gb": 2, "state": "building", "host_id": host_id,
+            "alternates": ["b", "c"], "constraints": {"zone": "a"}}
+
+
+def row_of(store: Store, vm_id: str) -> dict[str, object]:
+    with store.sessions() as s:
+        vm = s.get(VM, vm_id)
+        assert vm is not None
+        return {c.key: getattr(vm, c.key) for c in VM.__table__.columns
+                if c.key not in ("id", "name", "created_at", "updated_at")}
+
+
+def test_a_fast_insert_writes_what_core_writes(store: Store,
+                                               project_image: tuple[int, str]) -> None:
+    host_id = add_host(store, "h1", 4096)
+    fast, core = vm_values(project_image, "fast", host_id), vm_values(project_image, "core",
+                                                                      host_id)
+    with store.transaction() as conn:
+        FAST_VM.execute(conn, fast)
+        conn.execute(insert(VM), core)
+    assert row_of(store, str(fast["id"])) == row_of(store, str(core["id"]))
+    with store.sessions() as s:
+        vm = s.get(VM, fast["id"])
+        assert vm is not None and vm.alternates == ["b", "c"] and vm.constraints == {"zone": "a"}
+        assert isinstance(vm.created_at, datetime) and vm.user_data == "" and vm.attempts == 0
+
+
+def test_a_fast_statement_fails_as_sqlalchemy_does_and_the_transaction_is_undone(
+        store: Store, project_image: tuple[int, str]) -> None:
+    values = vm_values(project_image, "one")
+    with pytest.raises(IntegrityError), store.transaction() as conn:
+        FAST_VM.execute(conn, vm_values(project_image, "first"))
+        FAST_VM.execute(conn, values)
+        FAST_VM.execute(conn, values)  # the same id again
+    with store.sessions() as s:
+        assert s.scalars(select(VM.name)).all() == []
+
+
+def test_after_commit_work_runs_only_once_committed(store: Store) -> None:
+    ran: list[str] = []
+    with store.transaction() as conn:
+        txn = transaction_of(conn)
+        assert txn is not None
+        txn.after_commit(lambda: ran.append("committed"))
+        assert ran == []
+    assert ran == ["committed"]
+    with pytest.raises(RuntimeError), store.transaction() as conn:
+        txn = transaction_of(conn)
+        assert txn is not None
+        txn.after_commit(lambda: ran.append("rolled back"))
+        raise RuntimeError("undo")
+    assert ran == ["committed"]
+    with store.transaction() as conn:
+        txn = transaction_of(conn)
+        assert txn is not None
+        txn.after_commit(lambda: ran.append("before the savepoint"))
+        with pytest.raises(RuntimeError), conn.begin_nested():
+            raise RuntimeError("undo the savepoint")
+    assert ran == ["committed"]  # a savepoint's rollback drops it: its writes may be gone
+    with store.engine.connect() as conn:
+        assert transaction_of(conn) is None
+
+
+def test_claim_in_a_transaction_merges_into_the_cache_only_once_committed(
+        store: Store, project_image: tuple[int, str]) -> None:
+    host_id = add_host(store, "h1", 4 * 512)
+    with store.transaction() as conn:
+        placed = claims.claim(conn, "vm-1", REQ, SETTINGS)
+        FAST_VM.execute(conn, vm_values(project_image, "vm-1", placed.host.id))
+    assert placed.host.id == host_id and placed.host.used_memory_mb == 512
+    (cache,) = hostcache.caches()
+    assert cache.table(SETTINGS)[0].generation == 1
+    with pytest.raises(RuntimeError), store.transaction() as conn:
+        claims.claim(conn, "vm-2", REQ, SETTINGS)
+        raise RuntimeError("the build could not be sent")
+    snap = cache.table(SETTINGS)[0]
+    assert (snap.generation, snap.used_memory_mb) == (1, 512)  # as committed
+    with store.sessions() as s:
+        host = s.get(Host, host_id)
+        assert host is not None and (host.generation, host.used_memory_mb) == (1, 512)
+        assert s.scalars(select(Claim.vm_id)).all() == ["vm-1"]
+
+
+def test_a_plain_connection_claims_without_the_cache(store: Store) -> None:
+    add_host(store, "h1", 4 * 512)
+    with store.engine.begin() as conn:
+        assert claims.claim(conn, "vm-1", REQ, SETTINGS).host.name == "h1"
+    assert hostcache.caches() == []  # nothing would have merged or dropped its overlay
+
+
+@pytest.mark.parametrize("threads, room", [(12, 5)])
+def test_concurrent_transactions_take_exactly_the_room(store: Store,
+                                                       project_image: tuple[int, str],
+                                                       threads: int, room: int) -> None:
+    host_id = add_host(store, "h1", room * REQ.memory_mb)
+    barrier = threading.Barrier(threads)
+    won: list[str] = []
+    refused: list[NoValidHost] = []
+    crashed: list[BaseException] = []
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        try:
+            with store.transaction() as conn:
+                values = vm_values(project_image, f"vm-{i}")
+                placed = claims.claim(conn, str(values["id"]), REQ, SETTINGS)
+                values["host_id"] = placed.host.id
+                FAST_VM.execute(conn, values)
+            won.append(str(values["id"]))
+        except NoValidHost as exc:
+            refused.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            crashed.append(exc)
+
+    workers = [threading.Thread(target=attempt, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=120)
+    assert not crashed, crashed
+    assert len(won) == room and len(refused) == threads - room
+    with store.sessions() as s:
+        host = s.get(Host, host_id)
+        assert host is not None
+        assert (host.used_memory_mb, host.generation) == (room * REQ.memory_mb, room)
+        assert sorted(s.scalars(select(Claim.vm_id)).all()) == sorted(won)
+        assert sorted(s.scalars(select(VM.id).where(VM.host_id == host_id)).all()) == \
+            sorted(won)
+
+
+def test_claim_times_are_stored_as_core_stores_them(store: Store) -> None:
+    add_host(store, "h1", 4 * 512)
+    before = utcnow()
+    with store.transaction() as conn:
+        claims.claim(conn, "vm-1", REQ, SETTINGS)
+    with store.sessions() as s:
+        claim = s.scalars(select(Claim)).one()
+        at = claim.created_at
+        assert at.replace(tzinfo=None) >= before.replace(tzinfo=None)
+
+
+# -- the ranking's partial order ---------------------------------------------------------
+
+
+def test_best_is_the_head_of_a_stable_argsort() -> None:
+    rng = np.random.default_rng(5)
+    for size in (1, 3, 64, 65, 200, 1000):
+        for values in (rng.integers(0, 4, size).astype(np.float64),  # many ties
+                       rng.random(size), np.zeros(size)):
+            full = np.argsort(-values, kind="stable")
+            for n in (1, 2, 3, 8, size // 2, size):
+                if 0 < n <= size:
+                    assert _best(values, n).tolist() == full[:n].tolist()
+
+
+def snapshot(i: int, rng: random.Random) -> HostSnapshot:
+    return HostSnapshot(
+        id=i, name=f"h{i:04d}", generation=0, alive=True, enabled=True, maintenance=False,
+        arch="x86_64", virt_type="kvm", vcpus=16, memory_mb=rng.choice((4096, 8192, 16384)),
+        disk_gb=100, used_vcpus=0, used_memory_mb=rng.choice((0, 512, 1024)), used_disk_gb=0,
+        cpu_ratio=1.0, ram_ratio=1.0, disk_ratio=1.0, builds=rng.choice((0, 1)))
+
+
+@pytest.mark.parametrize("top_random", [1, 3, 10])
+def test_top_is_the_head_of_hosts(top_random: int) -> None:
+    rng = random.Random(11)
+    table = HostTable([snapshot(i, rng) for i in range(300)])
+    for n in (1, 2, 3, 4, 9, 17, 299, 300, 301):
+        seed = rng.randrange(1000)
+        lazy = rank(table, REQ, top_random=top_random, rng=random.Random(seed))
+        full = rank(table, REQ, top_random=top_random, rng=random.Random(seed)).hosts
+        assert lazy.top(n) == full[:n]
+        assert lazy.top(n + 1) == full[:n + 1]  # asking further on the same ranking
+        assert len(lazy) == len(full)
+        assert lazy.hosts == full
