@@ -8,7 +8,9 @@ the caller failed. Never stops a process it did not start.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +36,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cidr(virt: Any) -> str:
+    """A /24 in 10.200-249.x that no libvirt network on ``virt``'s host overlaps (for a
+    throwaway fleet network)."""
+    from worker.networks import describe
+    used = []
+    for name in virt.network_names():
+        cidr = describe(virt.network_xml(name) or "<network/>")["cidr"]
+        if cidr:
+            used.append(ipaddress.ip_network(cidr))
+    for _ in range(100):
+        net = ipaddress.ip_network(f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
+                                   ".0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise RuntimeError("no free /24 found in 10.200.0.0-10.249.255.0")
 
 
 def redis_db_url(db: int) -> str:

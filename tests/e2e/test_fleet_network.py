@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.cluster import Cluster
+from bench.cluster import Cluster, free_cidr
 from fleet.contract import network_libvirt_name
-from worker.networks import describe, network_xml
+from worker.networks import network_xml
 from worker.virt import Virt
 
 pytestmark = pytest.mark.e2e
@@ -28,21 +28,6 @@ def net_name() -> Iterator[str]:
     finally:
         with Virt("qemu:///system") as virt:
             virt.remove_network(network_libvirt_name(name))
-
-
-def free_cidr(virt: Virt) -> str:
-    """A /24 in 10.200-249.x that no libvirt network of this host overlaps."""
-    used = []
-    for name in virt.network_names():
-        cidr = describe(virt.network_xml(name) or "<network/>")["cidr"]
-        if cidr:
-            used.append(ipaddress.ip_network(cidr))
-    for _ in range(100):
-        net = ipaddress.ip_network(f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
-                                   ".0/24")
-        if not any(net.overlaps(u) for u in used):
-            return str(net)
-    raise AssertionError("no free /24 found")
 
 
 def test_a_vm_on_a_nat_fleet_network(cluster: Cluster, net_name: str) -> None:
