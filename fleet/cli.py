@@ -179,6 +179,19 @@ def bench_images(runs: int, copy_runs: int, import_runs: int, import_mib: int, a
                         import_mib=import_mib, as_json=as_json, strict=strict))
 
 
+@bench.command("ready")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1),
+              help="measured API + bare rounds")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="rounds run first and not counted (the host's image cache fills)")
+@click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
+@click.option("--strict", is_flag=True, help="exit 1 when the target is missed")
+def bench_ready(runs: int, warmup: int, as_json: bool, strict: bool) -> None:
+    """API submit -> ready of a Debian 12 cloud guest, against a bare virsh boot of it."""
+    from bench.ready import main as run_ready
+    sys.exit(run_ready(runs=runs, warmup=warmup, as_json=as_json, strict=strict))
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
