@@ -233,15 +233,15 @@ def _rank_scalar(hosts: Sequence[HostSnapshot], req: Request, filters: Sequence[
     return Ranking(ranked, removed, scores, verdicts)
 
 
-_METHODS: dict[tuple[type, str, str], bool] = {}
+_METHODS: dict[tuple[type, str], bool] = {}
 
-_min, _max = np.minimum.reduce, np.maximum.reduce
+_min, _max, _count = np.minimum.reduce, np.maximum.reduce, np.count_nonzero
 
 
 def _own_method(obj: object, fast: str, slow: str) -> Callable[..., Any] | None:
     """`obj.fast` if its class defines it no higher up than `slow`: a subclass that overrides
     `host_passes`/`weigh` without its vectorized twin falls back to the scalar method."""
-    key = (type(obj), fast, slow)
+    key = (type(obj), fast)
     usable = _METHODS.get(key)
     if usable is None:
         mro = type(obj).__mro__
@@ -254,9 +254,11 @@ def _own_method(obj: object, fast: str, slow: str) -> Callable[..., Any] | None:
 def _rank_vectorized(table: HostTable, req: Request, filters: Sequence[Filter],
                      weighers: Sequence[Weigher], top_random: int,
                      rng: random.Random | None) -> Ranking:
+    # Runs for every placement decision over every host: numpy calls only, no copies that
+    # are not needed (masks are never changed in place, so the first can be a table's own).
     snaps = table.snapshots
     removed = {f.name: 0 for f in filters}
-    remaining = np.ones(len(table), dtype=bool)
+    remaining: np.ndarray | None = None
     left = len(table)
     debug = log.isEnabledFor(logging.DEBUG)
     for flt in filters:
@@ -267,32 +269,39 @@ def _rank_vectorized(table: HostTable, req: Request, filters: Sequence[Filter],
             passes = np.asarray(mask(table, req), dtype=bool)
         else:
             passes = np.ones(len(table), dtype=bool)
-            for i in np.flatnonzero(remaining).tolist():
+            todo = range(len(table)) if remaining is None else np.flatnonzero(remaining).tolist()
+            for i in todo:
                 passes[i] = bool(flt.host_passes(snaps[i], req))
-        kept = remaining & passes
-        still = int(np.count_nonzero(kept))
+        kept = passes if remaining is None else remaining & passes
+        still = int(_count(kept))
         if still != left:
             removed[flt.name] += left - still
             if debug:
-                for i in np.flatnonzero(remaining & ~passes).tolist():
+                was = np.ones(len(table), dtype=bool) if remaining is None else remaining
+                for i in np.flatnonzero(was & ~passes).tolist():
                     log.debug("host %s fails filter %s: %s", snaps[i].name, flt.name,
                               flt.why(snaps[i], req))
             remaining, left = kept, still
     if not left:
         return Ranking([], removed, {}, [])
     # Survivors in name order: a stable sort on the score then breaks ties by name.
-    idx = table.name_order[remaining[table.name_order]]
+    idx = table.name_order if remaining is None else \
+        table.name_order[remaining[table.name_order]]
     totals = np.zeros(idx.size, dtype=np.float64)
     for w in weighers:
         if w.multiplier == 0:
             continue
         weigh_all = _own_method(w, "weigh_all", "weigh")
         if weigh_all is not None:
-            raw = np.asarray(weigh_all(table, req), dtype=np.float64)[idx]
+            raw = np.asarray(weigh_all(table, req), dtype=np.float64)[idx]  # a copy
         else:
             raw = np.array([w.weigh(snaps[i], req) for i in idx.tolist()], dtype=np.float64)
         lo, hi = _min(raw), _max(raw)
         if hi == lo:
             continue  # all 0.0 after normalising: adds nothing
-        totals += w.multiplier * ((raw - lo) / (hi - lo))
+        # multiplier * ((raw - lo) / (hi - lo)), as the scalar path computes it, in place
+        raw -= lo
+        raw /= hi - lo
+        raw *= w.multiplier
+        totals += raw
     return Ranking._ordered(table, idx, totals, removed, top_random, rng)

@@ -38,6 +38,9 @@ class _Compiled:
     processors: dict[str, Callable[[Any], Any]]
     defaults: dict[str, Callable[[], Any]]
     """INSERT columns the caller does not give, with their Python-side default."""
+    constants: dict[str, Any]
+    """Of those, the ones whose default is a constant or an empty list or dict (`default=list`),
+    already through their type's processor (e.g. JSON text): worked out once."""
     prepare: bool
 
 
@@ -88,7 +91,15 @@ class FastStatement:
         missing = names - set(literals) - set(self.keys) - set(defaults)
         if self.keys and missing:
             raise ValueError(f"FastStatement: no value for {sorted(missing)}")
-        return _Compiled(compiled.string, order, literals, processors, defaults,
+        constants: dict[str, Any] = {}
+        for key, make in list(defaults.items()):
+            first, second = make(), make()
+            if first is second or (isinstance(first, dict | list) and not first
+                                   and type(first) is type(second) and first == second):
+                proc = processors.get(key)
+                constants[key] = proc(first) if proc is not None else first
+                del defaults[key]
+        return _Compiled(compiled.string, order, literals, processors, defaults, constants,
                          prepare=dialect.name == "postgresql")
 
     def compiled(self, dialect: Dialect) -> _Compiled:
@@ -110,7 +121,11 @@ class FastStatement:
             if key not in values:
                 values[key] = default()
         for key, proc in c.processors.items():
-            values[key] = proc(values[key])
+            if key in values:
+                values[key] = proc(values[key])
+        for key, value in c.constants.items():
+            if key not in values:
+                values[key] = value
         args: Any = tuple(values[k] for k in c.order) if c.order is not None else values
         driver = conn.connection.driver_connection
         assert driver is not None
