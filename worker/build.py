@@ -27,7 +27,7 @@ from worker import cache, images
 from worker.domain import HostSettings, InstancePaths, design, instance_paths, to_xml
 from worker.networks import ensure_network
 from worker.readiness import ReadyWatcher
-from worker.seed import build_seed_iso
+from worker.seed import start_seed_iso
 from worker.virt import Virt
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,21 @@ def _build(ctx: HostContext, payload: dict[str, Any], paths: InstancePaths,
             step(current)
             paths.dir.mkdir(parents=True, exist_ok=True)
             undo.callback(shutil.rmtree, paths.dir, ignore_errors=True)
+            # The seed is written while qemu-img makes the overlay (step "seed" waits for it;
+            # on a failure, the undo waits for it before removing the directory).
+            # user_data is the control plane's final document (multipart): used unchanged.
+            seeding = start_seed_iso(paths.seed, instance_id=vm_id, hostname=vm["hostname"],
+                                     user_data=vm.get("user_data") or "",
+                                     network_config=(vm.get("network_config")
+                                                     or network_config(vm.get("mac", ""))))
+            undo.callback(seeding.settle)
             if not paths.disk.exists():
                 images.create_overlay(base, paths.disk, int(vm["disk_gb"]) * GIB,
                                       base_size=cache.base_virtual_size(base))
 
             current = "seed"
             step(current)
-            # user_data is the control plane's final document (multipart): used unchanged.
-            build_seed_iso(paths.seed, instance_id=vm_id, hostname=vm["hostname"],
-                           user_data=vm.get("user_data") or "",
-                           network_config=(vm.get("network_config")
-                                           or network_config(vm.get("mac", ""))))
+            seeding.wait()
 
             current = "define"
             step(current)

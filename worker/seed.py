@@ -3,7 +3,8 @@
 Owns: the cloud-init NoCloud seed contract — an ISO9660 volume labelled ``cidata``
 with Joliet and Rock Ridge names ``meta-data`` (YAML with ``instance-id`` and
 ``local-hostname``), ``user-data``, ``network-config`` and optionally ``vendor-data``
-— written atomically, and reading such an image back.
+— written atomically and durably, on the caller's thread or (:func:`start_seed_iso`) on one
+of its own while the caller does something else, and reading such an image back.
 
 Must not: decide what the user-data says, where the seed lives, or attach it to a
 domain (that is the designer's and the build flow's job).
@@ -15,6 +16,7 @@ import contextlib
 import io
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pycdlib
@@ -96,6 +98,58 @@ def build_seed_iso(
     finally:
         iso.close()
     return dest
+
+
+class SeedInProgress:
+    """A seed ISO being written on a thread of its own (see :func:`start_seed_iso`)."""
+
+    def __init__(self, dest: Path, kwargs: dict[str, str | bytes | None]) -> None:
+        self.dest = Path(dest)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(kwargs,),
+                                        name=f"seed-{self.dest.parent.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, kwargs: dict[str, str | bytes | None]) -> None:
+        try:
+            build_seed_iso(self.dest, **kwargs)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - raised again by wait()
+            self._error = exc
+
+    def wait(self) -> Path:
+        """Wait until the seed is written; returns its path or raises what writing raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.dest
+
+    def settle(self) -> None:
+        """Wait until the thread is done, whatever happened (before its directory is
+        removed: nothing may be written into it afterwards)."""
+        self._thread.join()
+
+
+def start_seed_iso(
+    dest: Path,
+    *,
+    instance_id: str,
+    hostname: str,
+    user_data: str | bytes,
+    network_config: str | None = None,
+    vendor_data: str | None = None,
+) -> SeedInProgress:
+    """Start :func:`build_seed_iso` on a thread of its own and return at once.
+
+    The build flow writes the seed while ``qemu-img create`` makes the overlay: pycdlib
+    needs the GIL for a millisecond or so, the rest of both is waiting (on a subprocess, on
+    fsync), so the two cost about as much as the slower one. The caller must call
+    :meth:`SeedInProgress.wait` (or :meth:`~SeedInProgress.settle` when it gives up).
+    """
+    if not instance_id:
+        raise ValueError("meta-data needs an instance-id")
+    return SeedInProgress(dest, {"instance_id": instance_id, "hostname": hostname,
+                                 "user_data": user_data, "network_config": network_config,
+                                 "vendor_data": vendor_data})
 
 
 def read_seed_iso(path: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ import pycdlib
 import pytest
 import yaml
 
-from worker.seed import build_seed_iso, read_seed_iso
+from worker.seed import build_seed_iso, read_seed_iso, start_seed_iso
 
 USER_DATA = "#cloud-config\nhostname: web1\nfinal_message: done\n"
 NETWORK = "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n"
@@ -100,3 +100,25 @@ def test_instance_id_required(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         build_seed_iso(tmp_path / "s.iso", instance_id="", hostname="h", user_data="")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_seed_written_on_its_own_thread(tmp_path: Path) -> None:
+    seeding = start_seed_iso(tmp_path / "seed.iso", instance_id="i-9", hostname="bg",
+                             user_data=USER_DATA, network_config=NETWORK)
+    assert seeding.wait() == tmp_path / "seed.iso"
+    files = read_seed_iso(tmp_path / "seed.iso")
+    assert yaml.safe_load(files["meta-data"]) == {"instance-id": "i-9", "local-hostname": "bg"}
+    assert (files["user-data"], files["network-config"]) == (USER_DATA.encode(),
+                                                             NETWORK.encode())
+    with pytest.raises(ValueError):  # refused at once, nothing started
+        start_seed_iso(tmp_path / "s.iso", instance_id="", hostname="h", user_data="")
+
+
+def test_a_failed_background_seed_raises_in_wait_and_settle_never_raises(
+        tmp_path: Path) -> None:
+    seeding = start_seed_iso(tmp_path / "missing-dir" / "seed.iso", instance_id="i",
+                             hostname="h", user_data="")
+    seeding.settle()  # the caller giving up: waits, does not raise
+    with pytest.raises(FileNotFoundError):
+        seeding.wait()
+    assert list(tmp_path.iterdir()) == []
