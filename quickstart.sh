@@ -16,7 +16,7 @@ apt_packages=(
   redis-server
   busybox-static syslinux syslinux-common mtools fdisk dosfstools cpio kmod xz-utils zstd
 )
-test_packages=(chromium chromium-driver postgresql)
+test_packages=(chromium chromium-driver postgresql debootstrap e2fsprogs)
 
 install_system() {
   local want=("${apt_packages[@]}")
