@@ -39,7 +39,9 @@ def test_the_page_types_into_the_console(cluster: Cluster,  # noqa: F811
                                        "memory_mb": 192, "disk_gb": 1})
     assert r.status_code == 202, r.text
     vm_id = r.json()["vm"]["id"]
-    assert cluster.api.wait_vm(vm_id, ("running", "error"))["state"] == "running"
+    # Settled (`ready`: its host saw the ready line) before the page loads, so no late
+    # vm.ready redraws the row between finding its console button and clicking it.
+    assert cluster.api.wait_vm(vm_id, ("ready", "error"), timeout=120)["state"] == "ready"
     wait_console_log(cluster, vm_id, "virtfleet-demo: ready")
 
     driver = browser
