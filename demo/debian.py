@@ -8,7 +8,10 @@ masked so it boots fast under TCG), and the bootable disk: an MBR disk whose fir
 FAT with SYSLINUX, the kernel and the initrd (as :mod:`demo.image` builds it) and whose second is
 the ext4 root, made with ``mkfs.ext4 -d`` from the folder.  Nothing is mounted and no loop
 device is used; the guest boots from its own disk (SeaBIOS -> MBR -> SYSLINUX -> kernel, root
-``UUID=...`` on ``/dev/vda2``, ``console=ttyS0``).
+``UUID=...`` on ``/dev/vda2``, ``console=ttyS0``, ``net.ifnames=0`` so the NIC is ``eth0`` as
+virtfleet's network-config names it).  The guest's own ``/boot`` is not what boots: a kernel
+upgraded inside a guest does not reach the FAT partition.  Packages come from the suite's point
+release (debootstrap takes one suite); the guest's apt sources also list updates and security.
 
 The finished qcow2 lives in a cache directory outside the repository
 (``$VIRTFLEET_DEBIAN_CACHE``, else ``/var/cache/virtfleet/debian12`` for root, else
