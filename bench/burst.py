@@ -9,12 +9,15 @@ capacity; the web, scheduler and workers are real processes over real Redis.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import statistics
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from bench.stats import percentile
 from demo.image import build_demo_image, default_image_path
 from fleet.config import load_settings
 from fleet.store.models import Claim, Host
-from fleet.store.session import Store
+from fleet.store.session import TIMINGS_ENV, Store
 
 NODE_XML = """<node>
   <cpu><mhz>2000</mhz><model>x86_64</model><active>{cpus}</active>
@@ -34,6 +37,66 @@ NODE_XML = """<node>
   <memory>{kib}</memory>
 </node>
 """
+
+
+_WRITE_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*store write by (\S+): "
+                         r"waited ([\d.]+) ms, held ([\d.]+) ms \(([\d.]+) ms")
+
+
+def store_writes(log: Path, since: float) -> dict[str, dict[str, float]]:
+    """Per writing function, from a process's log (VIRTFLEET_STORE_TIMINGS): how many write
+    transactions it made from `since` (a time.time()) on, their total and longest wait for
+    the writer lock, their total and longest hold of it, and the CPU time the holding thread
+    used while it held it."""
+    out: dict[str, dict[str, float]] = {}
+    if not log.exists():
+        return out
+    for line in log.read_text(errors="replace").splitlines():
+        m = _WRITE_LINE.search(line)
+        if m is None:
+            continue
+        at, name, wait, hold, cpu = m.groups()
+        if datetime.strptime(at, "%Y-%m-%d %H:%M:%S,%f").timestamp() < since:
+            continue  # before the burst
+        w = out.setdefault(name, {"count": 0, "wait_ms": 0.0, "max_wait_ms": 0.0,
+                                  "hold_ms": 0.0, "max_hold_ms": 0.0, "hold_cpu_ms": 0.0})
+        w["hold_cpu_ms"] += float(cpu)
+        w["count"] += 1
+        w["wait_ms"] += float(wait)
+        w["hold_ms"] += float(hold)
+        w["max_wait_ms"] = max(w["max_wait_ms"], float(wait))
+        w["max_hold_ms"] = max(w["max_hold_ms"], float(hold))
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process so far, from /proc (0.0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _family(pid: int) -> list[int]:
+    """A process and its children (gunicorn's workers under its arbiter)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return [pid, *kids]
+
+
+def cpu_by_process(procs: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds so far of each cluster process with its children, and of this one."""
+    out = {name: sum(_cpu_seconds(p) for p in _family(proc.pid))
+           for name, proc in procs.items()}
+    out["bench client"] = _cpu_seconds(os.getpid())
+    return out
 
 
 def run(requests_total: int = 200, room: int = 150, hosts: int = 3) -> dict[str, Any]:
@@ -55,7 +118,7 @@ def _run(tmp: Path, requests_total: int, room: int, hosts: int) -> dict[str, Any
         workers[f"b{i}"] = {"VIRTFLEET_LIBVIRT_URI": f"test://{node}",
                             "VIRTFLEET_NETWORK": "none:"}
     env = {"VIRTFLEET_CPU_ALLOCATION_RATIO": "1.0", "VIRTFLEET_LOG_LEVEL": "WARNING",
-           "VIRTFLEET_HEARTBEAT_INTERVAL": "5"}
+           "VIRTFLEET_HEARTBEAT_INTERVAL": "5", TIMINGS_ENV: "1"}
     with Cluster(workers=workers, env=env) as c:
         c.register_image("demo", build_demo_image(default_image_path()))
         port2 = free_port()
@@ -104,13 +167,18 @@ def _run(tmp: Path, requests_total: int, room: int, hosts: int) -> dict[str, Any
 
         watcher = threading.Thread(target=sampler, daemon=True)
         watcher.start()
-        t_start = time.perf_counter()
+        t_start, t_start_wall = time.perf_counter(), time.time()
+        cpu_before = cpu_by_process(c.procs)
         with ThreadPoolExecutor(max_workers=requests_total) as pool:
             results = list(pool.map(one, range(requests_total)))
         wall = time.perf_counter() - t_start
+        cpu_after = cpu_by_process(c.procs)
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         time.sleep(0.2)
         stop.set()
         watcher.join()
+        writes = {name: store_writes(c.log_path(name), t_start_wall)
+                  for name in ("web", "web2", "scheduler")}
         with store.sessions() as s:
             claims = len(s.scalars(select(Claim)).all())
             used = {h.name: (h.used_vcpus, h.vcpus) for h in s.scalars(select(Host))}
@@ -129,6 +197,10 @@ def _run(tmp: Path, requests_total: int, room: int, hosts: int) -> dict[str, Any
             "latency_p95_s": round(percentile(lat, 95), 3),
             "latency_max_s": round(max(lat), 3), "wall_s": round(wall, 3),
             "refusal_messages": sorted(messages),
+            "store_writes": writes,
+            "cpu_s_during_burst": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 2)
+                                   for k in cpu_after},
+            "load_average": load,
         }
         figures["pass"] = (figures["accepted_202"] == room
                            and figures["refused_409"] == requests_total - room
@@ -154,5 +226,16 @@ def main(requests_total: int = 200, room: int = 150, as_json: bool = False) -> d
               f"wall {f['wall_s']} s")
         for msg in f["refusal_messages"]:
             print(f"  refused with: {msg}")
+        print(f"  CPU seconds used during the burst ({os.cpu_count()} CPUs, load average "
+              f"{f['load_average']}): " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in f["cpu_s_during_burst"].items()))
+        print("  store write transactions (count, total/longest wait for the writer lock, "
+              "total/longest hold, the holder's CPU), per process and function:")
+        for proc, by_name in f["store_writes"].items():
+            for name, w in sorted(by_name.items(), key=lambda kv: -kv[1]["hold_ms"]):
+                print(f"    {proc:<9} {name:<24} {int(w['count']):>5}  wait "
+                      f"{w['wait_ms'] / 1000:7.2f} s / {w['max_wait_ms']:7.1f} ms  hold "
+                      f"{w['hold_ms'] / 1000:6.2f} s / {w['max_hold_ms']:6.1f} ms  cpu "
+                      f"{w['hold_cpu_ms'] / 1000:6.2f} s")
         print(f"  {'PASS' if f['pass'] else 'FAIL'}")
     return f

@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import current_app, g, request
 from flask_smorest import abort
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from fleet.contract import NAME_RE
@@ -80,13 +80,19 @@ def authenticate(allow_host: bool = False) -> Principal:
     if allow_host and settings.host_token and hmac.compare_digest(token, settings.host_token):
         return Principal(None, "host", None, "", False, is_host=True)
     store = current_app.extensions["virtfleet.store"]
-    with store.sessions() as session:
-        row = session.scalars(select(ApiToken).where(
-            ApiToken.token_sha256 == hash_token(token))).first()
-        if row is None:
-            abort(401, message="invalid or revoked token")
-        user = row.user
-        return Principal(user.id, user.name, user.project_id, user.project.name, user.is_admin)
+    with store.read_engine.connect() as conn:  # every request: one Core statement, no ORM
+        row = conn.execute(_WHO, {"sha": hash_token(token)}).first()
+    if row is None:
+        abort(401, message="invalid or revoked token")
+    user_id, name, project_id, project, is_admin = row
+    return Principal(user_id, name, project_id, project, bool(is_admin))
+
+
+_WHO = (select(User.id, User.name, User.project_id, Project.name, User.is_admin)
+        .join(ApiToken, ApiToken.user_id == User.id)
+        .join(Project, Project.id == User.project_id)
+        .where(ApiToken.token_sha256 == bindparam("sha")))
+"""The user and project of a token's hash."""
 
 
 def login_required(allow_host: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -29,21 +29,25 @@ class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
         self.app = make_celery(settings, "virtfleet-web")
 
+    def _send(self, task: str, payload: dict[str, Any], queue: str) -> None:
+        # ignore_result: send_task does not know the task's own setting, and would otherwise
+        # subscribe to a result channel per message (never read, never let go of).
+        self.app.send_task(task, args=[payload], queue=queue, ignore_result=True)
+
     def build(self, host: str, payload: dict[str, Any]) -> None:
-        self.app.send_task(c.TASK_BUILD_VM, args=[payload], queue=c.host_queue(host))
+        self._send(c.TASK_BUILD_VM, payload, c.host_queue(host))
 
     def delete(self, host: str, payload: dict[str, Any]) -> None:
-        self.app.send_task(c.TASK_DELETE_VM, args=[payload], queue=c.host_queue(host))
+        self._send(c.TASK_DELETE_VM, payload, c.host_queue(host))
 
     def action(self, host: str, payload: dict[str, Any]) -> None:
-        self.app.send_task(c.TASK_VM_ACTION, args=[payload], queue=c.host_queue(host))
+        self._send(c.TASK_VM_ACTION, payload, c.host_queue(host))
 
     def inspect_image(self, image_id: str) -> None:
-        self.app.send_task(c.TASK_INSPECT_IMAGE, args=[{"image_id": image_id}],
-                           queue=c.CONTROL_QUEUE)
+        self._send(c.TASK_INSPECT_IMAGE, {"image_id": image_id}, c.CONTROL_QUEUE)
 
     def prewarm(self, host: str, payload: dict[str, Any]) -> None:
-        self.app.send_task(c.TASK_PREWARM_IMAGE, args=[payload], queue=c.host_queue(host))
+        self._send(c.TASK_PREWARM_IMAGE, payload, c.host_queue(host))
 
     def _rpc(self, host: str, task: str, *args: Any) -> Any:
         """Ask the host and wait (10 s at most) for its answer."""

@@ -21,7 +21,7 @@ from fleet.bus import Bus, event_payload
 from fleet.config import Settings
 from fleet.contract import NAME_RE
 from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
-from fleet.store.models import VM, Event, Job
+from fleet.store.models import VM, Event, Image, Job, new_id
 from fleet.store.session import Store
 from scheduler import claims, ipam, quotas
 from scheduler.events import build_payload, record
@@ -91,6 +91,21 @@ def vm_names(name: str, count: int) -> list[str]:
     return names
 
 
+def build_messages(store: Store, vms: list[VM], jobs: list[Job], image_id: str,
+                   settings: Settings) -> list[tuple[str, dict[str, Any]]]:
+    """(host, build payload) of each VM just created, read back in a read session."""
+    sends = []
+    with store.sessions() as r:
+        image = r.get(Image, image_id)
+        for vm, job in zip(vms, jobs, strict=True):
+            row = r.get(VM, vm.id)
+            if row is None or image is None:
+                log.warning("VM %s was deleted before its build was sent", vm.id)
+                continue
+            sends.append((job.host_name, build_payload(row, image, job.id, settings)))
+    return sends
+
+
 def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
                who: Principal, data: dict[str, Any]) -> Accepted:
     """Place and claim `count` VMs, all or nothing, then send their builds. A static
@@ -116,9 +131,11 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
             raise Conflict(f"a VM named '{taken[0]}' already exists in this project")
         quotas.check(s, who.project_id, vcpus=data["vcpus"], memory_mb=data["memory_mb"],
                      disk_gb=data["disk_gb"], count=len(names))
-        vms, jobs, events, sends = [], [], [], []
+        vms, jobs, events = [], [], []
         for name in names:
-            vm = VM(name=name, project_id=who.project_id, image_id=image.id,
+            # Ids given here, not at the INSERT: the claim and the job refer to them, and the
+            # rows go in at the commit, in one flush.
+            vm = VM(id=new_id(), name=name, project_id=who.project_id, image_id=image.id,
                     vcpus=data["vcpus"], memory_mb=data["memory_mb"], disk_gb=data["disk_gb"],
                     user_data=data["user_data"], state="pending", mac=random_mac(),
                     constraints=dict(data.get("constraints") or {}),
@@ -126,24 +143,24 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
                     network_id=network.id if network else None, address_mode=address_mode,
                     keypairs=[k.name for k in keys], ssh_keys=[k.public_key for k in keys])
             s.add(vm)
-            s.flush()
             if network is not None and address_mode == "static":
+                s.flush()  # the address's row refers to the VM's
                 vm.static_address = ipam.allocate(s, network, vm.id)  # 409 when exhausted
             host = claims.place_and_claim(s, vm, claims.request_for(s, vm, image.sha256),
                                           settings)
             vm.state = "building"
-            job = Job(vm_id=vm.id, project_id=who.project_id, kind="build",
+            job = Job(id=new_id(), vm_id=vm.id, project_id=who.project_id, kind="build",
                       host_name=host.name)
             s.add(job)
-            s.flush()
             events.append(record(s, c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id,
                                                  job_id=job.id, state="building"),
                                  who.project_id))
-            s.flush()
-            s.refresh(vm)
-            sends.append((host.name, build_payload(vm, image, job.id, settings)))
             vms.append(vm)
             jobs.append(job)
+    # The build messages are made after the commit, from the rows as committed: composing
+    # user-data is the slowest part of a create, and the store's writer (SQLite: one at a
+    # time for every API process and the scheduler) need not wait for it.
+    sends = build_messages(store, vms, jobs, image.id, settings)
     try:
         for host_name, payload in sends:
             dispatcher.build(host_name, payload)

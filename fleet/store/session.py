@@ -5,13 +5,25 @@ Owns how the control plane connects to its database. Hosts never import this mod
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+timing_log = logging.getLogger("fleet.store.timing")
+
+TIMINGS_ENV = "VIRTFLEET_STORE_TIMINGS"
+"""Set (to anything but 0 or empty) to log every SQLite write transaction's wait for the
+writer lock and how long it held it, with the function that wrote (bench burst reads it)."""
 
 TXN_KEY = "virtfleet.txn"
 """Where a `Store.transaction()` connection keeps its Transaction (conn.info)."""
@@ -92,6 +104,75 @@ def make_engine(url: str, immediate: bool = True) -> Engine:
 _NO_LOCK = threading.Lock()
 
 
+class WriterLock:
+    """One writer at a time on a SQLite file, across threads and processes, woken at once.
+
+    SQLite lets one transaction write at a time, and a writer that finds the file locked
+    sleeps in its busy handler (up to 100 ms between tries) while the lock may long be free:
+    under a burst of creates in several API processes plus the scheduler, those sleeps were
+    most of each answer's seconds. Threads of one process queue on a thread lock; processes
+    then queue on an flock of `<database>.writelock`, which the kernel hands over as soon as
+    it is released. BEGIN IMMEDIATE then finds SQLite's own lock free (its busy handler
+    remains for writers that do not take this lock, like the sqlite3 shell).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._thread = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+        self.timings = os.environ.get(TIMINGS_ENV, "") not in ("", "0")
+        if self.timings:
+            timing_log.setLevel(logging.INFO)
+
+    def _file(self) -> int:
+        # Opened in each process (an flock belongs to an open file: one inherited across a
+        # fork, as gunicorn's workers inherit the app, would not keep them apart).
+        if self._fd is None or self._pid != os.getpid():
+            assert self.path is not None
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with self._thread:
+            fd = self._file() if self.path is not None else None
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            t1, c1 = time.perf_counter(), time.thread_time()
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                if self.timings:
+                    t2, c2 = time.perf_counter(), time.thread_time()
+                    timing_log.info("store write by %s: waited %.1f ms, held %.1f ms "
+                                    "(%.1f ms of this thread's CPU)", _writer_name(),
+                                    (t1 - t0) * 1000, (t2 - t1) * 1000, (c2 - c1) * 1000)
+
+
+def _writer_name() -> str:
+    """The function that opened the write transaction (outside this module and contextlib)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename in (__file__, _CONTEXTLIB):
+        frame = frame.f_back  # type: ignore[assignment]
+    return frame.f_code.co_name if frame is not None else "?"
+
+
+_CONTEXTLIB = contextmanager.__code__.co_filename
+
+
+def _lock_path(url: str) -> str | None:
+    """Where the writer lock of a SQLite file lives (None in memory)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.path.abspath(database) + ".writelock"
+
+
 class Store:
     """A database: an engine and a session factory."""
 
@@ -104,10 +185,11 @@ class Store:
         self.sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         """Sessions for reading (on SQLite they never wait for the writer)."""
         # SQLite has one writer at a time, and its busy handler sleeps up to 100 ms between
-        # retries: threads of one process queue on this lock instead, in order, at once.
-        self._write_lock: threading.Lock | None = (
-            threading.Lock() if url.startswith("sqlite") else None)
+        # retries: writers queue on this lock instead (threads, then processes), at once.
+        self._write_lock: WriterLock | None = (
+            WriterLock(_lock_path(url)) if url.startswith("sqlite") else None)
         self._writer: Connection | None = None
+        self._writer_pid = 0
         """SQLite: the one connection `transaction()` writes on (under the write lock), kept
         between transactions: a pool checkout and a new Connection cost more than a
         placement decision's statements."""
@@ -119,7 +201,7 @@ class Store:
             with self._writes() as s, s.begin():
                 yield s
             return
-        with self._write_lock, self._writes() as s, s.begin():
+        with self._write_lock.held(), self._writes() as s, s.begin():
             yield s
 
     @contextmanager
@@ -131,10 +213,13 @@ class Store:
             with self.engine.connect() as conn:
                 yield from self._run(conn)
             return
-        with self._write_lock:
+        with self._write_lock.held():
             conn = self._writer
-            if conn is None or conn.closed or conn.invalidated:
+            if conn is None or self._writer_pid != os.getpid() or conn.closed \
+                    or conn.invalidated:
+                # (A connection made before a fork stays with the parent.)
                 conn = self._writer = self.engine.connect()
+                self._writer_pid = os.getpid()
             yield from self._run(conn)
 
     @staticmethod
@@ -151,9 +236,9 @@ class Store:
         txn.committed()
 
     def dispose(self) -> None:
-        with self._write_lock or _NO_LOCK:
-            if self._writer is not None:
+        with self._write_lock._thread if self._write_lock is not None else _NO_LOCK:
+            if self._writer is not None and self._writer_pid == os.getpid():
                 self._writer.close()
-                self._writer = None
+            self._writer = None
         self.engine.dispose()
         self.read_engine.dispose()
