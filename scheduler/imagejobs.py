@@ -39,13 +39,15 @@ from worker import images
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024
-"""Bytes hashed at a time."""
+CHUNK = 1024 * 1024
+"""Bytes hashed at a time (read into one buffer, used again and again: no fresh memory per
+chunk, and a size that stays in the CPU's caches between the read and the hash)."""
 
 JOB_THREADS = 1
 """Image jobs run one at a time per scheduler process (each is disk-bound)."""
 
-"""Controller paths in qemu-img's messages: replaced before a reason is shown."""
+CONVERT_PREFIX = ".convert-"
+"""Names of the conversions in progress in the image store (hidden: never served)."""
 
 
 class ImportFailed(Exception):
@@ -66,51 +68,48 @@ class Result:
     size_bytes: int
     virtual_size_bytes: int
     timings: dict[str, float]
+    twin_copy: Path | None = None
+    """A conversion that came out as bytes the store already had: the caller removes it
+    once the image is active (removing a large file takes a while; nobody waits for it)."""
 
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
-def hash_and_sync(path: Path) -> str:
-    """sha256 of `path` while the kernel writes it to disk (the two overlap: hashing reads
-    the page cache on this thread, fsync waits for the disk on another)."""
-    errors: list[BaseException] = []
-    with path.open("rb") as fh:
-        def sync() -> None:
-            try:
-                os.fsync(fh.fileno())
-            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
-                errors.append(exc)
-
-        syncer = threading.Thread(target=sync, name="image-fsync")
-        syncer.start()
-        try:
-            sha = sha256_of(path)
-        finally:
-            syncer.join()
-    if errors:
-        raise errors[0]
-    return sha
+def hash_and_sync(path: Path, also: Callable[[], Any] | None = None) -> tuple[str, Any]:
+    """sha256 of `path` while the kernel writes it to disk, and `also()` (a check of the
+    file) meanwhile: the three overlap (hashing reads the page cache on this thread and
+    releases the GIL as it hashes; fsync waits for the disk, `also` for its subprocess, on
+    threads of their own). Returns the sha256 and what `also` returned."""
+    with path.open("rb") as fh, ThreadPoolExecutor(max_workers=2,
+                                                   thread_name_prefix="image-hash") as pool:
+        synced = pool.submit(os.fsync, fh.fileno())
+        checked = pool.submit(also) if also is not None else None
+        sha = sha256_of(path)
+        synced.result()
+        return sha, checked.result() if checked is not None else None
 
 
-def _publish_file(tmp: Path, sha: str, store_dir: Path, keep: bool = False) -> None:
-    """Give a finished file its content address (a twin already there wins); with `keep`,
-    as a second name (a hard link), leaving `tmp` where it is."""
+def _publish_file(tmp: Path, sha: str, store_dir: Path, keep: bool = False) -> bool:
+    """Give a finished file its content address; with `keep`, as a second name (a hard
+    link), leaving `tmp` where it is. False when a twin was there already (it wins, and
+    `tmp` is left as it is)."""
     final = store_dir / sha
     if final.exists():
-        if not keep:
-            tmp.unlink()
-        return
+        return False
     os.chmod(tmp, 0o644)
     if keep:
         os.link(tmp, final)
     else:
         os.replace(tmp, final)
+    return True
 
 
 def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> Result:
@@ -135,33 +134,46 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     timings["inspect_s"] = time.perf_counter() - t0
     if fmt == "qcow2":
         t1 = time.perf_counter()
-        sha = known_sha256 or sha256_of(src)
-        with src.open("rb") as fh:
-            os.fsync(fh.fileno())
+        if known_sha256:
+            sha = known_sha256
+            with src.open("rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            sha = hash_and_sync(src)[0]
         size = src.stat().st_size
-        timings["hash_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        timings["hash_s"] = t2 - t1
         _publish_file(src, sha, store_dir, keep=True)
+        timings["publish_s"] = time.perf_counter() - t2
         return Result(sha, size, vsize, timings)
-    tmp = store_dir / f".convert-{src.name}.qcow2"
+    tmp = convert_path(store_dir, src.name)
     tmp.unlink(missing_ok=True)
     try:
         t1 = time.perf_counter()
         images.convert_untrusted(src, "raw", tmp, flush=False)  # synced below, once
-        timings["convert_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        timings["convert_s"] = t2 - t1
         try:
-            out = images.check_untrusted(tmp, "qcow2", settings.max_virtual_bytes)
+            sha, out = hash_and_sync(tmp, lambda: images.check_untrusted(
+                tmp, "qcow2", settings.max_virtual_bytes))
         except images.UnsafeImage as exc:
             raise ImportFailed(f"the converted image is not right: {exc}") from None
         if int(out["virtual-size"]) != vsize:
             raise ImportFailed("the converted image has another virtual size")
-        t2 = time.perf_counter()
-        sha = hash_and_sync(tmp)
-        timings["hash_sync_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        timings["hash_s"] = t3 - t2
         size = tmp.stat().st_size
-        _publish_file(tmp, sha, store_dir)
-    finally:
+        published = _publish_file(tmp, sha, store_dir)
+        timings["publish_s"] = time.perf_counter() - t3
+    except BaseException:
         tmp.unlink(missing_ok=True)
-    return Result(sha, size, vsize, timings)
+        raise
+    return Result(sha, size, vsize, timings, None if published else tmp)
+
+
+def convert_path(store_dir: Path, image_id: str) -> Path:
+    """Where the qcow2 of a raw import is written before it has its content address."""
+    return store_dir / f"{CONVERT_PREFIX}{image_id}.qcow2"
 
 
 def _reason(exc: BaseException) -> str:
@@ -212,6 +224,8 @@ def inspect_image(store: Store, settings: Settings, image_id: str) -> Event | No
         # for the next try): whoever finds it gone while the image is still importing knows
         # the import was really lost.
         src.unlink(missing_ok=True)
+        if result is not None and result.twin_copy is not None:
+            result.twin_copy.unlink(missing_ok=True)
         return row
 
 
@@ -269,15 +283,17 @@ process killed between storing a file and writing its image) go after this long.
 
 
 def remove_leftovers(directory: Path, importing: set[str],
-                     older_than: float = LEFTOVER_SECONDS) -> list[str]:
-    """Remove old files of `directory` that are not the file of an importing image."""
+                     older_than: float = LEFTOVER_SECONDS, prefix: str = "") -> list[str]:
+    """Remove old files of `directory` (those whose names start with `prefix`) that are not
+    the file of an importing image."""
     removed: list[str] = []
     if not directory.is_dir():
         return removed
     now = time.time()
     for p in directory.iterdir():
         try:
-            if p.name in importing or not p.is_file() or now - p.stat().st_mtime < older_than:
+            if (p.name in importing or not p.name.startswith(prefix) or not p.is_file()
+                    or now - p.stat().st_mtime < older_than):
                 continue
             p.unlink()
             removed.append(p.name)
@@ -318,12 +334,15 @@ class Runner:
 
     def resume(self) -> None:
         """Queue every image still `importing` (a restart lost its job), and remove what
-        crashed uploads left in the imports directory."""
+        crashed uploads left in the imports directory and crashed jobs in the store."""
         def find() -> None:
             try:
                 with self.store.sessions() as s:
                     ids = list(s.scalars(select(Image.id).where(Image.status == "importing")))
                 remove_leftovers(imports_dir(self.settings), set(ids))
+                remove_leftovers(images_dir(self.settings),
+                                 {convert_path(Path(), i).name for i in ids},
+                                 prefix=CONVERT_PREFIX)
             except Exception:  # noqa: BLE001 - a store hiccup at start-up; the next start retries
                 log.exception("could not look for interrupted image imports")
                 return

@@ -1,13 +1,15 @@
 """The web's half of an image import: bytes in, format pinned from the header, nothing run.
 
-Owns streaming an image into `<state_dir>/imports/<image id>` — an upload's body, an http(s)
-URL fetched through fleet.download (http(s) only; loopback, link-local and metadata addresses
-refused, every redirect checked again), or, for admins, a path on the controller — in chunks,
-never whole in memory, size-limited; and the header check, made on the first bytes before
-anything is written, that decides the format once (qcow2 magic: qcow2; anything else: raw)
-and refuses at once (422) what must never reach qemu-img: qcow2 with a backing file, an
-external data file or encryption; VMDK, VHD(X), VDI, QED and other formats that may name
-other files; a virtual size above `max_virtual_bytes`.
+Owns streaming an image into `<state_dir>/imports/<image id>` — an upload's body (read from
+the WSGI input as the server hands it over: no form parsing, no extra copy), an http(s) URL
+fetched through fleet.download (http(s) only; loopback, link-local and metadata addresses
+refused, every redirect checked again), or, for admins, a path on the controller (its holes
+are not read) — in chunks, never whole in memory, size-limited, all-zero blocks left as holes
+(the same bytes, read back, for a fraction of the writes: a disk image is mostly empty); and
+the header check, made on the first bytes before anything is written, that decides the format
+once (qcow2 magic: qcow2; anything else: raw) and refuses at once (422) what must never reach
+qemu-img: qcow2 with a backing file, an external data file or encryption; VMDK, VHD(X), VDI,
+QED and other formats that may name other files; a virtual size above `max_virtual_bytes`.
 
 Must not: run qemu-img (scheduler/imagejobs.py inspects and converts the stored file, always
 with the pinned format), keep any part of a refused file, or show a controller path.
@@ -15,6 +17,7 @@ with the pinned format), keep any part of a refused file, or show a controller p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -22,13 +25,23 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from werkzeug.wsgi import get_input_stream
 
 from fleet import download
 from fleet.exceptions import BadRequest
 
-CHUNK = 1024 * 1024
-"""Bytes read and written at a time."""
+CHUNK = 512 * 1024
+"""Bytes read at a time (at most). Not more: gunicorn's body reader copies every chunk a few
+times, and at 1 MiB that costs about three times the CPU it costs at 512 KiB (0.8 against
+0.3 s per GiB here: buffers that no longer stay in the CPU's caches)."""
+
+SPARSE_BLOCK = 64 * 1024
+"""All-zero blocks of this size (aligned in the file) are not written: they stay holes."""
+
+_ZERO_CHUNK = bytes(CHUNK)
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
 
 HEADER_BYTES = 512
 """How much of the start of a file the header check reads before anything is stored."""
@@ -167,6 +180,7 @@ def store_stream(chunks: Iterable[bytes], dest: Path, limits: Limits,
 
     The header is judged before a byte is written, so a refused file never touches the
     disk; the size (and a raw file's virtual size, its size) is checked as it grows.
+    All-zero blocks are left as holes (:class:`SparseWriter`): the file reads back the same.
     """
     it = iter(chunks)
     try:
@@ -181,7 +195,8 @@ def store_stream(chunks: Iterable[bytes], dest: Path, limits: Limits,
         try:
             digest = hashlib.sha256() if fmt == "qcow2" else None
             size = 0
-            with os.fdopen(fd, "wb") as out:
+            try:
+                out = SparseWriter(fd)
                 for chunk in _chain(held, it):
                     size += len(chunk)
                     if size > limits.max_bytes:
@@ -192,7 +207,10 @@ def store_stream(chunks: Iterable[bytes], dest: Path, limits: Limits,
                     if digest is not None:
                         digest.update(chunk)
                     out.write(chunk)
-            os.chmod(tmp, 0o640)
+                out.finish()
+                os.fchmod(fd, 0o640)
+            finally:
+                os.close(fd)
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -203,6 +221,65 @@ def store_stream(chunks: Iterable[bytes], dest: Path, limits: Limits,
             close()  # a download generator closes its connection
     return StoredFile(dest, digest.hexdigest() if digest else "", size, fmt,
                       vsize if fmt == "qcow2" else size)
+
+
+def data_runs(chunk: bytes, end: int | None = None) -> list[tuple[int, int]]:
+    """The (start, stop) positions in ``chunk[:end]`` (which starts on a SPARSE_BLOCK
+    boundary of its file) of what is not made of all-zero SPARSE_BLOCKs; a last block cut
+    short is data. `bytes.startswith` compares in place (memcmp, no copy): a block of data
+    fails on its first bytes, a zero block costs one memcmp."""
+    n = len(chunk) if end is None else end
+    if n == len(chunk) == CHUNK and chunk == _ZERO_CHUNK:
+        return []
+    runs: list[tuple[int, int]] = []
+    start = -1
+    for pos in range(0, n, SPARSE_BLOCK):
+        zero = pos + SPARSE_BLOCK <= n and chunk.startswith(_ZERO_BLOCK, pos)
+        if zero and start >= 0:
+            runs.append((start, pos))
+            start = -1
+        elif not zero and start < 0:
+            start = pos
+    if start >= 0:
+        runs.append((start, n))
+    return runs
+
+
+class SparseWriter:
+    """Writes a stream of chunks to a new file, leaving its all-zero SPARSE_BLOCKs (aligned
+    in the file) as holes. Chunks may come in any size: what does not fill a last block is
+    kept for the next chunk (a copy of less than a block; none when chunks are multiples of
+    the block, as request bodies and downloads are here)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+        """Where the next block starts (a multiple of SPARSE_BLOCK)."""
+        self.carry = b""
+
+    def write(self, chunk: bytes) -> None:
+        if self.carry:
+            chunk = self.carry + chunk
+        whole = len(chunk) - len(chunk) % SPARSE_BLOCK
+        self.carry = chunk[whole:]
+        self._write(chunk, whole)
+
+    def finish(self) -> None:
+        """Write what is left and give the file its full size (the holes at its end)."""
+        size = self.offset + len(self.carry)
+        if self.carry.count(0) != len(self.carry):
+            self._write(self.carry, len(self.carry))
+        self.carry = b""
+        os.ftruncate(self.fd, size)
+
+    def _write(self, chunk: bytes, end: int) -> None:
+        view = memoryview(chunk)
+        for start, stop in data_runs(chunk, end):
+            part, at = view[start:stop], self.offset + start
+            while part:
+                written = os.pwrite(self.fd, part, at)
+                part, at = part[written:], at + written
+        self.offset += end
 
 
 def _chain(held: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -219,16 +296,58 @@ def read_stream(stream: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
+def request_body(environ: dict[str, Any]) -> Iterator[bytes]:
+    """The body of the request in `environ`, in chunks of at most CHUNK bytes.
+
+    A server that ends the input itself at the end of the body (gunicorn: WSGI's
+    `wsgi.input_terminated`) is read directly, without werkzeug's limiting wrapper and its
+    copy of every chunk; otherwise the input is limited to the declared Content-Length (no
+    length: an empty body). The caller enforces its own size limit as the chunks come.
+    """
+    return read_stream(get_input_stream(environ, max_content_length=None))
+
+
 def _local(path: str) -> Iterator[bytes]:
     p = Path(path)
     if not p.is_absolute():
         raise BadRequest("a local image source must be an absolute path")
     try:
-        fh = p.open("rb")
+        fh = p.open("rb", buffering=0)
     except OSError:
         raise BadRequest("the local image source cannot be read") from None
     with fh:
-        yield from read_stream(fh)
+        yield from _sparse_read(fh)
+
+
+def _sparse_read(fh: Any) -> Iterator[bytes]:
+    """A local file in chunks of at most CHUNK bytes, its holes given as zeros without
+    reading them (SEEK_DATA/SEEK_HOLE; where the file system has neither, all is read)."""
+    fd = fh.fileno()
+    size = os.fstat(fd).st_size
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:  # ENXIO: nothing but a hole up to the end
+            data = size if exc.errno == errno.ENXIO else pos
+        data = min(data, size)
+        while pos < data:  # a hole: zeros, not read
+            n = min(CHUNK, data - pos)
+            yield _ZERO_CHUNK if n == CHUNK else bytes(n)
+            pos += n
+        if pos >= size:
+            break
+        try:
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
+        except OSError:
+            hole = size
+        os.lseek(fd, pos, os.SEEK_SET)
+        while pos < hole:
+            chunk = fh.read(min(CHUNK, hole - pos))
+            if not chunk:
+                return  # the file shrank meanwhile
+            yield chunk
+            pos += len(chunk)
 
 
 def source_chunks(source: str, allow_local: bool) -> Iterator[bytes]:

@@ -32,7 +32,7 @@ from fleet.proc import ProcError, run
 from fleet.store.models import Event, Host, Image, Project
 from fleet.store.session import Store
 from scheduler import imagejobs
-from web import create_app
+from web import create_app, imports
 from web.auth import create_token
 from web.imports import (
     HEADER_BYTES,
@@ -853,3 +853,129 @@ def test_gc_keeps_recently_used_bases_and_refuses_to_guess(tmp_path: Path) -> No
     shutil.rmtree(inst)
     assert cache.collect_garbage(storage, 0).removed == [recent]
     assert cache.cached(storage) == []
+
+
+# -- sparse storing: zero blocks are holes, the bytes read back the same ---------------------
+
+
+BLOCK = imports.SPARSE_BLOCK
+
+
+@pytest.mark.parametrize("chunk, end, runs", [
+    (bytes(imports.CHUNK), None, []),
+    (b"\1" * imports.CHUNK, None, [(0, imports.CHUNK)]),
+    (bytes(BLOCK) + b"\1" + bytes(BLOCK - 1) + bytes(BLOCK), None, [(BLOCK, 2 * BLOCK)]),
+    (bytes(BLOCK - 1), None, [(0, BLOCK - 1)]),  # a zero block cut short is data
+    (b"\1" * 10 + bytes(2 * BLOCK - 10), None, [(0, BLOCK)]),
+    (b"\1" * 10 + bytes(2 * BLOCK + 10), None, [(0, BLOCK), (2 * BLOCK, 2 * BLOCK + 20)]),
+    (b"\1" * 10 + bytes(2 * BLOCK + 10), 2 * BLOCK, [(0, BLOCK)]),
+    (b"", None, []),
+])
+def test_data_runs(chunk: bytes, end: int | None, runs: list[tuple[int, int]]) -> None:
+    assert imports.data_runs(chunk, end) == runs
+
+
+def sparse_disk(path: Path, size: int, data: dict[int, bytes]) -> bytes:
+    """A sparse file of `size` with `data` at offsets; returns its whole content."""
+    with path.open("wb") as fh:
+        fh.truncate(size)
+        for off, blob in data.items():
+            fh.seek(off)
+            fh.write(blob)
+    return path.read_bytes()
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_zero_blocks_are_stored_as_holes_and_read_back_the_same(tmp_path: Path) -> None:
+    data = {0: b"\xeb\x63" + os.urandom(5000), 3 * MIB + 7: os.urandom(70_000),
+            9 * MIB: bytes(BLOCK) + b"x", 16 * MIB - 3: b"end"}
+    content = sparse_disk(tmp_path / "src", 16 * MIB, data)
+
+    def chunks() -> Iterator[bytes]:  # every byte sent, holes included, in uneven chunks
+        for i in range(0, len(content), 300_001):
+            yield content[i:i + 300_001]
+
+    stored = store_stream(chunks(), tmp_path / "imports" / "a", Limits(10**12, 10**12))
+    assert stored.path.read_bytes() == content
+    assert (stored.size_bytes, stored.disk_format) == (16 * MIB, "raw")
+    assert allocated(stored.path) <= 8 * BLOCK  # five runs of data, not 16 MiB
+
+
+def test_a_sparse_qcow2_keeps_its_sha256(tmp_path: Path) -> None:
+    content = qcow2_header() + bytes(3 * MIB) + b"\1" * 100 + bytes(MIB)
+    stored = store_stream(iter([content[:1000], content[1000:]]), tmp_path / "q",
+                          Limits(10**12, 10**12))
+    assert stored.sha256 == hashlib.sha256(content).hexdigest()
+    assert stored.path.read_bytes() == content
+    assert allocated(stored.path) < MIB
+
+
+@pytest.mark.parametrize("layout", ["holes", "dense", "ends-in-a-hole", "all-hole-but-head"])
+def test_a_local_file_is_read_without_its_holes(tmp_path: Path, layout: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 8 * MIB + 123
+    data = {"holes": {0: b"\1" * 10, 2 * MIB: os.urandom(3 * MIB), size - 5: b"\2" * 5},
+            "dense": {0: os.urandom(size)},
+            "ends-in-a-hole": {0: b"\1" * 10, MIB: b"\3" * MIB},
+            "all-hole-but-head": {0: b"\4"}}[layout]
+    src = tmp_path / "disk.raw"
+    content = sparse_disk(src, size, data)
+    read = []
+    real_read = imports._sparse_read
+
+    def counting(fh: Any) -> Iterator[bytes]:
+        real = fh.read
+
+        def read_and_count(n: int = -1) -> bytes:
+            out = real(n)
+            read.append(len(out))
+            return out
+
+        fh.read = read_and_count
+        return real_read(fh)
+
+    monkeypatch.setattr(imports, "_sparse_read", counting)
+    chunks = list(imports.source_chunks(str(src), allow_local=True))
+    assert all(len(c) <= imports.CHUNK for c in chunks)
+    assert b"".join(chunks) == content
+    written = sum(len(b) for b in data.values())
+    assert written <= sum(read) < written + 2 * imports.CHUNK  # the holes were not read
+
+
+@needs_qemu_img
+def test_a_conversion_the_store_already_has_is_removed_after_the_image_is_active(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = b"\1" * MIB
+    first = env.upload("one", body).get_json()["id"]
+    env.run_jobs()
+    sha = env.image(first)["sha256"]
+    seen: dict[str, Any] = {}
+    real_finish = imagejobs._finish
+
+    def finish(store: Store, image_id: str, result: Any, reason: str) -> Any:
+        seen["twin_at_finish"] = result.twin_copy is not None and result.twin_copy.exists()
+        return real_finish(store, image_id, result, reason)
+
+    monkeypatch.setattr(imagejobs, "_finish", finish)
+    second = env.upload("two", body).get_json()["id"]
+    env.run_jobs()
+    assert env.image(second)["status"] == "active" and env.image(second)["sha256"] == sha
+    assert seen == {"twin_at_finish": True}  # not removed on the way to active ...
+    assert [p.name for p in (env.state_dir / "images").iterdir()] == [sha]  # ... but after
+
+
+def test_leftover_conversions_in_the_store_are_removed_after_a_day(env: Env) -> None:
+    store_dir = env.state_dir / "images"
+    store_dir.mkdir()
+    names = [".convert-old.qcow2", ".convert-busy.qcow2", "ab" * 32]
+    for name in names:
+        (store_dir / name).write_bytes(b"x")
+        old = time.time() - 2 * 86400
+        os.utime(store_dir / name, (old, old))
+    removed = imagejobs.remove_leftovers(store_dir, {".convert-busy.qcow2"},
+                                         prefix=imagejobs.CONVERT_PREFIX)
+    assert removed == [".convert-old.qcow2"]
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted(names[1:])

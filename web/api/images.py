@@ -21,7 +21,6 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from fleet.exceptions import Conflict, NotFound, VirtfleetError
 from fleet.store.models import Host, Image, Project, new_id
@@ -37,7 +36,7 @@ from web.imports import (
     ImageTooLarge,
     Limits,
     StoredFile,
-    read_stream,
+    request_body,
     source_chunks,
     store_stream,
 )
@@ -198,15 +197,14 @@ class ImageUpload(MethodView):
         """Register an image from the request body (streamed to disk, at most max_image_bytes).
 
         Like POST /images, the answer is 202 and the image becomes `active` or `error`."""
-        # This route's own limit replaces the app's MAX_CONTENT_LENGTH (meant for JSON).
+        # This route's own limit, not the app's MAX_CONTENT_LENGTH (meant for JSON): a declared
+        # length above it is refused before a byte is read, and store_stream stops reading
+        # a body without one (chunked) as soon as it goes past it.
         limit = _settings().max_image_bytes
-        request.max_content_length = limit
-        try:
-            return _register(current(), args["name"], args["visibility"], "upload",
-                             read_stream(request.stream), args["disk_format"])
-        except RequestEntityTooLarge:
-            raise ImageTooLarge(f"the image is larger than the limit of {limit} bytes") \
-                from None
+        if (request.content_length or 0) > limit:
+            raise ImageTooLarge(f"the image is larger than the limit of {limit} bytes")
+        return _register(current(), args["name"], args["visibility"], "upload",
+                         request_body(request.environ), args["disk_format"])
 
 
 @blp.route("/images/<image_ref>")
