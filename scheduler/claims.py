@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from fleet.config import Settings
@@ -108,20 +109,104 @@ _FAST_CAS_AND_RECORD = FastStatement(_CAS_AND_RECORD, ("hid", "gen", "v", "m", "
 per-statement work was most of a decision's time."""
 
 
+@dataclass(frozen=True)
+class PlacedRow:
+    """A row to write with the claim, naming its host (and alternates): the VM's row when
+    the caller writes it only once placed. On PostgreSQL it goes in the claim's statement
+    (one round trip for the whole decision), on SQLite right after it."""
+
+    table: Table
+    values: dict[str, Any]
+    host_key: str = "host_id"
+    alternates_key: str | None = "alternates"
+
+    def for_host(self, host: HostSnapshot, alternates: list[str]) -> dict[str, Any]:
+        values = dict(self.values)
+        values[self.host_key] = host.id
+        if self.alternates_key is not None:
+            values[self.alternates_key] = alternates
+        return values
+
+
+_ROW_STATEMENTS: dict[tuple[str, tuple[str, ...], str], FastStatement] = {}
+
+
+def _with_defaults(table: Table, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` plus the Python-side default of every column not in it (as Core's INSERT
+    would add them), for an INSERT ... SELECT, which gets no defaults of its own."""
+    out = dict(values)
+    for col in table.columns:
+        default = col.default
+        if col.key in out or default is None:
+            continue
+        if default.is_scalar:
+            out[col.key] = default.arg
+        elif default.is_callable:
+            out[col.key] = default.arg(None)
+    return out
+
+
+def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> FastStatement:
+    """PostgreSQL: compare-and-set, the claim's row and the caller's row (its host from the
+    claim) in one statement; nothing is written unless the UPDATE matched."""
+    key = (table.name, keys, host_key)
+    done = _ROW_STATEMENTS.get(key)
+    if done is None:
+        cas = _CAS.returning(Host.id).cte("cas")
+        record = insert(Claim).from_select(
+            ["vm_id", "host_id", "vcpus", "memory_mb", "disk_gb", "created_at"],
+            select(bindparam("claim_vm", type_=Claim.vm_id.type), cas.c.id,
+                   bindparam("v", type_=Claim.vcpus.type),
+                   bindparam("m", type_=Claim.memory_mb.type),
+                   bindparam("d", type_=Claim.disk_gb.type),
+                   bindparam("claim_at", type_=Claim.created_at.type))
+        ).returning(Claim.host_id).cte("record")
+        cols = [k for k in keys if k != host_key]
+        row = insert(table).from_select(
+            [*cols, host_key],
+            select(*[bindparam(f"row_{k}", type_=table.c[k].type) for k in cols],
+                   record.c.host_id)).returning(*table.primary_key.columns)
+        done = _ROW_STATEMENTS[key] = FastStatement(
+            row, ("hid", "gen", "v", "m", "d", "claim_vm", "claim_at",
+                  *(f"row_{k}" for k in cols)))
+    return done
+
+
+_ROW_INSERTS: dict[tuple[str, tuple[str, ...]], FastStatement] = {}
+
+
+def _row_insert(table: Table, keys: tuple[str, ...]) -> FastStatement:
+    done = _ROW_INSERTS.get((table.name, keys))
+    if done is None:
+        done = _ROW_INSERTS[(table.name, keys)] = FastStatement(insert(table), keys)
+    return done
+
+
 def try_claim(session: Session | Connection, host: HostSnapshot, vm_id: str,
-              req: Request) -> bool:
-    """Take `req` on `host` if its generation is still the one we saw. True if taken."""
+              req: Request, row: dict[str, Any] | None = None,
+              table: Table | None = None, host_key: str = "host_id") -> bool:
+    """Take `req` on `host` if its generation is still the one we saw. True if taken.
+    With `row` (and its `table`), that row is written too, naming the host, all or nothing."""
     conn = session if isinstance(session, Connection) else session.connection()
     cas = {"hid": host.id, "gen": host.generation, "v": req.vcpus, "m": req.memory_mb,
            "d": req.disk_gb}
     if conn.dialect.name == "postgresql":
         cas.update(claim_vm=vm_id, claim_at=utcnow())
-        return _FAST_CAS_AND_RECORD.execute(conn, cas).fetchone() is not None
+        if row is None:
+            return _FAST_CAS_AND_RECORD.execute(conn, cas).fetchone() is not None
+        assert table is not None
+        full = _with_defaults(table, row)
+        keys = tuple(sorted(full))
+        cas.update({f"row_{k}": v for k, v in full.items() if k != host_key})
+        return _claim_and_row(table, keys, host_key).execute(conn, cas).fetchone() is not None
     if _FAST_CAS.execute(conn, cas).rowcount != 1:
         return False
     _FAST_RECORD.execute(conn, {"vm_id": vm_id, "host_id": host.id, "vcpus": req.vcpus,
                                 "memory_mb": req.memory_mb, "disk_gb": req.disk_gb,
                                 "created_at": utcnow()})
+    if row is not None:
+        assert table is not None
+        _row_insert(table, tuple(sorted(row))).execute(conn, row)
     return True
 
 
@@ -144,13 +229,14 @@ def _weighers(policy: str) -> tuple[Weigher, ...]:
 
 
 def claim(session: Session | Connection, vm_id: str, req: Request, settings: Settings,
-          only: frozenset[str] | None = None) -> Placement:
+          only: frozenset[str] | None = None, row: PlacedRow | None = None) -> Placement:
     """Rank the hosts for `req` and claim on the first that is still as we saw it, in the
     session's transaction, for the VM `vm_id` (whose row the caller writes or updates).
     `session` may also be the Connection of a `Store.transaction()` (no ORM at all: the
     placement decision at its cheapest).
 
-    `only` limits the candidates (a reschedule onto alternates). Raises NoValidHost with
+    `only` limits the candidates (a reschedule onto alternates). `row` is written with the
+    claim, naming the chosen host and alternates (PlacedRow). Raises NoValidHost with
     per-filter counts.
 
     Hosts come from the process's host cache (hostcache.py) unless `only` is given or the
@@ -175,7 +261,11 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
         for i in range(len(ranking)):
             best = ranking.top(i + 1 + MAX_ALTERNATES)
             cand = best[i]
-            if try_claim(session, cand, vm_id, req):
+            won = (try_claim(session, cand, vm_id, req) if row is None else
+                   try_claim(session, cand, vm_id, req,
+                             row.for_host(cand, [h.name for h in best[i + 1:]]),
+                             row.table, row.host_key))
+            if won:
                 taken = hostcache.after_claim(cand, req)
                 if cached is not None:
                     cached.claimed(taken)

@@ -190,6 +190,7 @@ class Store:
             WriterLock(_lock_path(url)) if url.startswith("sqlite") else None)
         self._writer: Connection | None = None
         self._writer_pid = 0
+        self._autocommit: Engine | None = None
         """SQLite: the one connection `transaction()` writes on (under the write lock), kept
         between transactions: a pool checkout and a new Connection cost more than a
         placement decision's statements."""
@@ -205,12 +206,20 @@ class Store:
             yield s
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, single_statement: bool = False) -> Iterator[Connection]:
         """A write transaction on a Core connection (no ORM Session: its bookkeeping costs
         more than a small transaction's statements): committed on success, rolled back on
-        error. Code inside may hang data and after-commit work on it (`transaction_of`)."""
+        error. Code inside may hang data and after-commit work on it (`transaction_of`).
+
+        `single_statement`: the caller's writes are one statement that must stand alone (a
+        placement decision whose claim and row are one statement: claims.PlacedRow), so on
+        PostgreSQL each statement commits by itself, as its own transaction: no BEGIN and
+        COMMIT round trips around it (durability as configured: synchronous_commit). A
+        lost compare-and-set before it writes nothing. SQLite runs it as one transaction
+        anyway (in-process, BEGIN and COMMIT cost no round trip)."""
         if self._write_lock is None:
-            with self.engine.connect() as conn:
+            engine = self._autocommit_engine() if single_statement else self.engine
+            with engine.connect() as conn:
                 yield from self._run(conn)
             return
         with self._write_lock.held():
@@ -221,6 +230,15 @@ class Store:
                 conn = self._writer = self.engine.connect()
                 self._writer_pid = os.getpid()
             yield from self._run(conn)
+
+    def _autocommit_engine(self) -> Engine:
+        """PostgreSQL: connections that are always in autocommit (no isolation level to set
+        and reset at each checkout, nothing to roll back at each return)."""
+        if self._autocommit is None:
+            self._autocommit = create_engine(self.url, isolation_level="AUTOCOMMIT",
+                                             pool_size=5, max_overflow=20, pool_recycle=3600,
+                                             pool_reset_on_return=None)
+        return self._autocommit
 
     @staticmethod
     def _run(conn: Connection) -> Iterator[Connection]:
@@ -240,5 +258,7 @@ class Store:
             if self._writer is not None and self._writer_pid == os.getpid():
                 self._writer.close()
             self._writer = None
+        if self._autocommit is not None:
+            self._autocommit.dispose()
         self.engine.dispose()
         self.read_engine.dispose()

@@ -249,3 +249,83 @@ def test_top_is_the_head_of_hosts(top_random: int) -> None:
         assert lazy.top(n + 1) == full[:n + 1]  # asking further on the same ranking
         assert len(lazy) == len(full)
         assert lazy.hosts == full
+
+
+# -- a decision in one statement (PlacedRow) ---------------------------------------------
+
+
+def placed_row(project_image: tuple[int, str], name: str) -> claims.PlacedRow:
+    values = vm_values(project_image, name)
+    del values["host_id"], values["alternates"]
+    return claims.PlacedRow(VM.__table__, values)
+
+
+def test_a_placed_row_is_written_with_its_claim(store: Store,
+                                                project_image: tuple[int, str]) -> None:
+    add_host(store, "a", 4 * 512)
+    add_host(store, "b", 2 * 512)
+    row = placed_row(project_image, "vm-1")
+    with store.transaction(single_statement=True) as conn:
+        placed = claims.claim(conn, str(row.values["id"]), REQ, SETTINGS, row=row)
+    assert placed.host.name == "a" and placed.alternates == ["b"]
+    with store.sessions() as s:
+        vm = s.get(VM, row.values["id"])
+        assert vm is not None and vm.host_id == placed.host.id and vm.alternates == ["b"]
+        assert vm.state == "building" and vm.constraints == {"zone": "a"} and vm.addresses == []
+        assert s.scalars(select(Claim.vm_id)).all() == [vm.id]
+    (cache,) = hostcache.caches()
+    snap = next(h for h in cache.table(SETTINGS) if h.name == "a")
+    assert (snap.generation, snap.vm_count, snap.builds) == (1, 1, 1)
+
+
+def test_a_lost_compare_and_set_writes_no_placed_row(store: Store,
+                                                    project_image: tuple[int, str]) -> None:
+    add_host(store, "a", 4 * 512)
+    with store.sessions() as s:
+        (seen,) = hostcache.read_hosts(s, SETTINGS)
+    with store.session() as s:  # someone else claims on it first
+        assert claims.try_claim(s, seen, "other", REQ)
+    row = placed_row(project_image, "vm-1")
+    with store.transaction(single_statement=True) as conn:
+        assert not claims.try_claim(conn, seen, "vm-1", REQ,
+                                    row.for_host(seen, []), row.table, row.host_key)
+    with store.sessions() as s:
+        assert s.scalars(select(VM.id)).all() == []
+        assert s.scalars(select(Claim.vm_id)).all() == ["other"]
+
+
+@pytest.mark.parametrize("threads, room", [(12, 5)])
+def test_concurrent_single_statement_decisions_take_exactly_the_room(
+        store: Store, project_image: tuple[int, str], threads: int, room: int) -> None:
+    host_id = add_host(store, "h1", room * REQ.memory_mb)
+    barrier = threading.Barrier(threads)
+    won: list[str] = []
+    refused: list[NoValidHost] = []
+    crashed: list[BaseException] = []
+
+    def attempt(i: int) -> None:
+        row = placed_row(project_image, f"vm-{i}")
+        barrier.wait()
+        try:
+            with store.transaction(single_statement=True) as conn:
+                claims.claim(conn, str(row.values["id"]), REQ, SETTINGS, row=row)
+            won.append(str(row.values["id"]))
+        except NoValidHost as exc:
+            refused.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            crashed.append(exc)
+
+    workers = [threading.Thread(target=attempt, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=120)
+    assert not crashed, crashed
+    assert len(won) == room and len(refused) == threads - room
+    with store.sessions() as s:
+        host = s.get(Host, host_id)
+        assert host is not None
+        assert (host.used_memory_mb, host.generation) == (room * REQ.memory_mb, room)
+        assert sorted(s.scalars(select(Claim.vm_id)).all()) == sorted(won)
+        assert sorted(s.scalars(select(VM.id).where(VM.host_id == host_id)).all()) == \
+            sorted(won)
