@@ -46,6 +46,8 @@ class Settings:
     virt_type: str = "auto"
     network: str = "network:default"
     web_bind: str = "127.0.0.1:8080"
+    web_workers: int = 1
+    web_threads: int = 32
     public_url: str = ""
     heartbeat_interval: float = 5.0
     missed_heartbeats: int = 3
@@ -130,7 +132,8 @@ def _check(s: Settings) -> None:
     if not s.host_cache_ttl >= 0:
         raise ConfigError("setting 'host_cache_ttl' must be zero (no cache) or more seconds")
     for name in ("missed_heartbeats", "host_subset_size", "task_time_limit",
-                 "worker_concurrency", "max_image_bytes", "max_virtual_bytes"):
+                 "worker_concurrency", "max_image_bytes", "max_virtual_bytes", "web_workers",
+                 "web_threads"):
         if getattr(s, name) < 1:
             raise ConfigError(f"setting '{name}' must be at least 1")
     if s.cache_max_bytes < 0:
