@@ -130,7 +130,10 @@ class WriterLock:
         # fork, as gunicorn's workers inherit the app, would not keep them apart).
         if self._fd is None or self._pid != os.getpid():
             assert self.path is not None
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except PermissionError:  # made by another user: an flock needs no write access
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             self._pid = os.getpid()
         return self._fd
 

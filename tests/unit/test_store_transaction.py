@@ -8,10 +8,16 @@ only when it is unset), like tests/unit/test_claims.py.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import random
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +335,37 @@ def test_concurrent_single_statement_decisions_take_exactly_the_room(
         assert sorted(s.scalars(select(Claim.vm_id)).all()) == sorted(won)
         assert sorted(s.scalars(select(VM.id).where(VM.host_id == host_id)).all()) == \
             sorted(won)
+
+
+# -- the writer lock across processes ----------------------------------------------------
+
+
+def test_sqlite_writers_of_other_processes_wait_for_the_lock(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    child = subprocess.Popen(  # noqa: S603 - our own interpreter and code
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from fleet.store.session import Store\n"
+         f"store = Store({url!r})\n"
+         "with store.session():\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(0.5)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        fd = os.open(tmp_path / "store.db.writelock", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the child holds it while it writes
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        store = Store(url)
+        t0 = time.monotonic()
+        with store.session() as s:
+            s.add(Project(name="after"))
+        waited = time.monotonic() - t0
+        store.dispose()
+    finally:
+        child.wait(timeout=30)
+    assert waited >= 0.3, waited  # it waited for the child's transaction
