@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from fleet.config import load_settings
 from fleet.store.migrate import upgrade
@@ -69,6 +71,11 @@ class Api:
 
     def __post_init__(self) -> None:
         self.session.headers["Authorization"] = f"Bearer {self.token}"
+        # gunicorn closes an idle keep-alive connection after 2 s: a GET sent on it just then
+        # is reset. Idempotent reads are retried on a fresh connection; writes never are.
+        retry = Retry(total=3, connect=3, read=3, status=0, backoff_factor=0.05,
+                      allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
 
     def call(self, method: str, path: str, **kw: Any) -> requests.Response:
         kw.setdefault("timeout", 30)
