@@ -168,15 +168,22 @@ def bench_placement(hosts: int, decisions: int, db: str, pg_url: str | None,
 @click.option("--import-runs", default=3, show_default=True, type=click.IntRange(min=1),
               help="imports (and as many plain conversions)")
 @click.option("--import-mib", default=1024, show_default=True,
-              type=click.IntRange(min=16, max=16384), help="size of the raw file imported")
+              type=click.IntRange(min=16, max=16384),
+              help="data in the raw disk imported (MiB)")
+@click.option("--import-virtual-mib", default=4096, show_default=True,
+              type=click.IntRange(min=16, max=65536),
+              help="size of that raw disk (MiB; the rest is holes, as in a cloud image)")
 @click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
 @click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
-def bench_images(runs: int, copy_runs: int, import_runs: int, import_mib: int, as_json: bool,
-                 strict: bool) -> None:
+def bench_images(runs: int, copy_runs: int, import_runs: int, import_mib: int,
+                 import_virtual_mib: int, as_json: bool, strict: bool) -> None:
     """Overlay + seed on 1 GiB and 1 TiB bases, against a full copy; import against convert."""
     from bench.images import main as run_images
+    if import_virtual_mib < import_mib:
+        raise click.BadParameter("must be at least --import-mib", param_hint="--import-virtual-mib")
     sys.exit(run_images(runs=runs, copy_runs=copy_runs, import_runs=import_runs,
-                        import_mib=import_mib, as_json=as_json, strict=strict))
+                        import_mib=import_mib, import_virtual_mib=import_virtual_mib,
+                        as_json=as_json, strict=strict))
 
 
 @bench.command("ready")

@@ -71,6 +71,9 @@ class Result:
     twin_copy: Path | None = None
     """A conversion that came out as bytes the store already had: the caller removes it
     once the image is active (removing a large file takes a while; nobody waits for it)."""
+    started_at: float = 0.0
+    """When the job began (epoch seconds): with the event's `finished_at`, what a client
+    sees between its request and the image active is told apart from the job itself."""
 
 
 def sha256_of(path: Path) -> str:
@@ -120,6 +123,7 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     (the caller removes it once the store says how this ended). Raises ImportFailed (or
     ProcError/OSError, turned into a reason by the caller).
     """
+    started_at = time.time()
     if fmt not in ("qcow2", "raw"):
         raise ImportFailed(f"format {fmt!r} is not importable")
     store_dir = images_dir(settings)
@@ -145,7 +149,7 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
         timings["hash_s"] = t2 - t1
         _publish_file(src, sha, store_dir, keep=True)
         timings["publish_s"] = time.perf_counter() - t2
-        return Result(sha, size, vsize, timings)
+        return Result(sha, size, vsize, timings, started_at=started_at)
     tmp = convert_path(store_dir, src.name)
     tmp.unlink(missing_ok=True)
     try:
@@ -168,7 +172,7 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Result(sha, size, vsize, timings, None if published else tmp)
+    return Result(sha, size, vsize, timings, None if published else tmp, started_at)
 
 
 def convert_path(store_dir: Path, image_id: str) -> Path:
@@ -186,9 +190,12 @@ def _reason(exc: BaseException) -> str:
     return scrub(text)
 
 
-def inspect_image(store: Store, settings: Settings, image_id: str) -> Event | None:
+def inspect_image(store: Store, settings: Settings, image_id: str,
+                  publish: Callable[[Event], None] | None = None) -> Event | None:
     """Finish the import of one image; returns the event recorded, or None when there was
-    nothing to do (not importing any more, or another process has it in hand)."""
+    nothing to do (not importing any more, or another process has it in hand). `publish`,
+    when given, is handed the event as soon as it is committed, before the files the import
+    no longer needs are removed (that takes a while for a large one)."""
     with store.sessions() as s:
         image = s.get(Image, image_id)
         if image is None or image.status != "importing":
@@ -220,6 +227,11 @@ def inspect_image(store: Store, settings: Settings, image_id: str) -> Event | No
                 log.exception("import of image %s failed", image_id)
             reason = _reason(exc)
         row = _finish(store, image_id, result, reason)
+        if row is not None and publish is not None:
+            try:
+                publish(row)
+            except Exception:  # noqa: BLE001 - the event is recorded; live views catch up
+                log.exception("could not publish the end of image %s", image_id)
         # The file goes only once the store says how this ended (a store failure leaves it
         # for the next try): whoever finds it gone while the image is still importing knows
         # the import was really lost.
@@ -248,7 +260,9 @@ def _finish(store: Store, image_id: str, result: Result | None, reason: str) -> 
                                 "status": values["status"]}
         if result is not None:
             data.update(sha256=result.sha256, virtual_size_bytes=result.virtual_size_bytes,
-                        timings={k: round(v, 3) for k, v in result.timings.items()})
+                        timings={k: round(v, 3) for k, v in result.timings.items()},
+                        started_at=round(result.started_at, 3),
+                        finished_at=round(time.time(), 3))
         else:
             data["reason"] = reason
         row = record(s, c.make_event(c.EV_IMAGE_ACTIVE if result else c.EV_IMAGE_ERROR,
@@ -323,9 +337,7 @@ class Runner:
 
     def _run(self, image_id: str) -> None:
         try:
-            row = inspect_image(self.store, self.settings, image_id)
-            if row is not None:
-                self.publish(row)
+            inspect_image(self.store, self.settings, image_id, self.publish)
         except Exception:  # noqa: BLE001 - the next resume tries again
             log.exception("image job %s failed", image_id)
         finally:

@@ -134,17 +134,24 @@ def create_overlay(
     A requested size smaller than the base's virtual size is raised to it (never
     shrink). Refuses to overwrite an existing overlay (``FileExistsError``): a retried
     build must not wipe a guest's disk. The overlay appears atomically (written under
-    a temporary name in the same directory, then renamed). ``base_size``, when the caller
-    already knows the base's virtual size, saves one ``qemu-img info``.
+    a temporary name in the same directory, then renamed), and durably (qemu-img syncs
+    what it creates). ``base_size``, when the caller already knows the base's virtual size
+    (a cached base's memo), saves a ``qemu-img info``, and lets ``qemu-img create`` leave
+    the base unopened (``-u``: it would only open it to learn its size; the overlay is
+    byte for byte the same, its backing format named all the same).
     """
     overlay = Path(overlay)
     if overlay.exists():
         raise FileExistsError(f"overlay already exists: {overlay.name}")
     tmp = overlay.with_name(f".{overlay.name}.tmp")
-    argv = [QEMU_IMG, "create", "-f", "qcow2", "-b", _abs(base), "-F", _fmt(base_fmt), _abs(tmp)]
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", _abs(base), "-F", _fmt(base_fmt)]
     if size_bytes is not None:
         floor = base_size if base_size is not None else virtual_size(base, base_fmt)
-        argv.append(str(_round_up(max(size_bytes, floor))))
+        if base_size is not None:
+            argv.append("-u")
+        argv += [_abs(tmp), str(_round_up(max(size_bytes, floor)))]
+    else:
+        argv.append(_abs(tmp))
     tmp.unlink(missing_ok=True)
     try:
         run(argv, timeout=CREATE_TIMEOUT)

@@ -106,3 +106,17 @@ def test_missing_image_raises_proc_error(tmp_path: Path) -> None:
     assert "missing.qcow2" in err.stderr
     assert str(err).startswith("qemu-img failed with exit code")
     assert "--output=json" not in str(err) and "--output=json" in err.argv
+
+
+def test_overlay_with_the_base_size_known_leaves_the_base_unopened(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.qcow2")
+    told = tmp_path / "told.qcow2"
+    images.create_overlay(base, told, 8 * MIB, base_size=16 * MIB)  # -u: no qemu-img info
+    asked = tmp_path / "asked.qcow2"
+    images.create_overlay(base, asked, 8 * MIB)
+    assert told.read_bytes() == asked.read_bytes()  # byte for byte what qemu-img makes
+    data = images.info(told, "qcow2")
+    assert (data["backing-filename"], data["backing-filename-format"]) == \
+        (str(base.absolute()), "qcow2")
+    assert data["virtual-size"] == 16 * MIB
+    run(["qemu-img", "check", "-f", "qcow2", str(told)], timeout=30)
