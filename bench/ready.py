@@ -315,7 +315,7 @@ def measure(runs: int, warmup: int) -> dict[str, Any]:
     return build_report(samples, runs=runs, warmup=warmup, notes=notes, error=error)
 
 
-def main(runs: int = 3, warmup: int = 1, as_json: bool = False, strict: bool = False) -> int:
+def main(runs: int = 3, warmup: int = 0, as_json: bool = False, strict: bool = False) -> int:
     """Run the benchmark, print its figures, and return the exit code."""
     if runs < 1 or warmup < 0:
         raise ValueError("runs must be at least 1 and warmup at least 0")

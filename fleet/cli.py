@@ -189,7 +189,7 @@ def bench_images(runs: int, copy_runs: int, import_runs: int, import_mib: int,
 @bench.command("ready")
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(min=1),
               help="measured API + bare rounds")
-@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--warmup", default=0, show_default=True, type=click.IntRange(min=0),
               help="rounds run first and not counted (the host's image cache fills)")
 @click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
 @click.option("--strict", is_flag=True, help="exit 1 when the target is missed")
