@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
+from fleet.store import session as session_module
 from fleet.store.fast import FastStatement
 from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Host, Image, Project, new_id, utcnow
@@ -369,3 +370,26 @@ def test_sqlite_writers_of_other_processes_wait_for_the_lock(tmp_path: Path) -> 
     finally:
         child.wait(timeout=30)
     assert waited >= 0.3, waited  # it waited for the child's transaction
+
+
+def test_the_wal_is_checkpointed_beside_the_writers(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(session_module, "CHECKPOINT_AT_BYTES", 1)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    store = Store(url)
+    try:
+        with store.session() as s:
+            s.add(Project(name="p"))
+        with store.engine.connect() as conn:
+            pages = conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+        assert pages == session_module.WAL_AUTOCHECKPOINT_PAGES  # commits leave it alone
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        deadline = time.monotonic() + 10
+        while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpointer.checkpoints > 0
+    finally:
+        store.dispose()
