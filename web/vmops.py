@@ -100,7 +100,7 @@ def build_messages(store: Store, vms: list[VM], jobs: list[Job], image_id: str,
         for vm, job in zip(vms, jobs, strict=True):
             row = r.get(VM, vm.id)
             if row is None or image is None:
-                log.warning("VM %s was deleted before its build was sent", vm.id)
+                log.warning("VM %s or its image was deleted before its build was sent", vm.id)
                 continue
             sends.append((job.host_name, build_payload(row, image, job.id, settings)))
     return sends
