@@ -1,6 +1,7 @@
 """The host's cache of base images: fetched from the control plane, sha256-checked, qcow2.
 
-Owns `<storage_dir>/bases/<sha256>.qcow2` (with its `.size` memo and `.lock` file). The control
+Owns `<storage_dir>/bases/<sha256>.qcow2` (with its `.size` memo, its `.lock` file, and the
+overlay templates worker.images keeps beside it, which go with it). The control
 plane converts raw images to qcow2 at import; a raw image is still converted here, once, on the
 way in (images registered before that). Concurrent builds of the same image wait on one file
 lock instead of fetching twice. Using a base touches its mtime, and :func:`collect_garbage`
@@ -220,8 +221,9 @@ def collect_garbage(storage_dir: Path, max_bytes: int, *, now: float | None = No
 
 
 def _remove_base(path: Path, used_before: float) -> bool:
-    """Remove a base and its memo under its lock, unless it is being fetched or used (then
-    ensure_base holds the lock) or was used since `used_before` (looked at again here)."""
+    """Remove a base, its memo and its overlay templates under its lock, unless it is being
+    fetched or used (then ensure_base holds the lock) or was used since `used_before`
+    (looked at again here)."""
     with open(path.with_suffix(".lock"), "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -235,6 +237,8 @@ def _remove_base(path: Path, used_before: float) -> bool:
                 return False
             path.unlink(missing_ok=True)
             path.with_suffix(".size").unlink(missing_ok=True)
+            for template in images.overlay_templates(path):
+                template.unlink(missing_ok=True)
             return True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

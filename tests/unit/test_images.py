@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,15 +109,52 @@ def test_missing_image_raises_proc_error(tmp_path: Path) -> None:
     assert "--output=json" not in str(err) and "--output=json" in err.argv
 
 
-def test_overlay_with_the_base_size_known_leaves_the_base_unopened(tmp_path: Path) -> None:
+def test_overlays_with_the_base_size_known_are_copies_of_a_template(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = make_base(tmp_path / "base.qcow2")
-    told = tmp_path / "told.qcow2"
-    images.create_overlay(base, told, 8 * MIB, base_size=16 * MIB)  # -u: no qemu-img info
     asked = tmp_path / "asked.qcow2"
-    images.create_overlay(base, asked, 8 * MIB)
-    assert told.read_bytes() == asked.read_bytes()  # byte for byte what qemu-img makes
-    data = images.info(told, "qcow2")
+    images.create_overlay(base, asked, 8 * MIB)  # qemu-img create, as ever
+    calls: list[list[str]] = []
+    real_run = images.run
+
+    def counting(argv: list[str], **kw: Any) -> Any:
+        calls.append(list(argv))
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(images, "run", counting)
+    disks = [tmp_path / f"vm{i}.qcow2" for i in range(3)]
+    for disk in disks:
+        images.create_overlay(base, disk, 8 * MIB, base_size=16 * MIB)
+    # One qemu-img run, for the template (-u: the base left unopened, no info); then copies.
+    assert len(calls) == 1 and calls[0][:2] == ["qemu-img", "create"] and "-u" in calls[0]
+    template = images.overlay_template(base, "qcow2", 16 * MIB)
+    assert images.overlay_templates(base) == [template]
+    for disk in disks:
+        assert disk.read_bytes() == asked.read_bytes()  # byte for byte what qemu-img makes
+    data = images.info(disks[0], "qcow2")
     assert (data["backing-filename"], data["backing-filename-format"]) == \
         (str(base.absolute()), "qcow2")
     assert data["virtual-size"] == 16 * MIB
-    run(["qemu-img", "check", "-f", "qcow2", str(told)], timeout=30)
+    run(["qemu-img", "check", "-f", "qcow2", str(disks[0])], timeout=30)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(FileExistsError):
+        images.create_overlay(base, disks[0], 8 * MIB, base_size=16 * MIB)
+
+
+def test_a_template_naming_another_base_is_made_again(tmp_path: Path) -> None:
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_base = make_base(old_dir / "base.qcow2")
+    images.create_overlay(old_base, old_dir / "vm.qcow2", MIB, base_size=16 * MIB)
+    base = make_base(new_dir / "base.qcow2")
+    # The cache moved: its template still names the base where it was.
+    stale = images.overlay_template(old_base, "qcow2", 16 * MIB)
+    stale.rename(images.overlay_template(base, "qcow2", 16 * MIB))
+    disk = new_dir / "vm.qcow2"
+    images.create_overlay(base, disk, MIB, base_size=16 * MIB)
+    assert images.info(disk, "qcow2")["backing-filename"] == str(base.absolute())
+    # A template of another size is another file.
+    images.create_overlay(base, new_dir / "big.qcow2", 32 * MIB, base_size=16 * MIB)
+    assert images.virtual_size(new_dir / "big.qcow2", "qcow2") == 32 * MIB
+    assert len(images.overlay_templates(base)) == 2

@@ -979,3 +979,20 @@ def test_leftover_conversions_in_the_store_are_removed_after_a_day(env: Env) -> 
                                          prefix=imagejobs.CONVERT_PREFIX)
     assert removed == [".convert-old.qcow2"]
     assert sorted(p.name for p in store_dir.iterdir()) == sorted(names[1:])
+
+
+@needs_qemu_img
+def test_gc_removes_a_base_with_its_overlay_templates(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    sha, base = make_cached_base(storage, "templated", 1, age=5000)
+    inst = cache.instances_dir(storage) / "vm-gone"
+    inst.mkdir(parents=True)
+    images.create_overlay(base, inst / "disk.qcow2", MIB, base_size=cache.base_virtual_size(base))
+    assert len(images.overlay_templates(base)) == 1
+    shutil.rmtree(inst)  # the VM was deleted: the base is unused
+    t = time.time() - 5000
+    os.utime(base, (t, t))
+    assert cache.collect_garbage(storage, 0).removed == [sha]
+    assert images.overlay_templates(base) == []
+    assert sorted(p.name for p in cache.bases_dir(storage).iterdir()
+                  if not p.name.endswith(".lock")) == []
