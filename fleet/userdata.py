@@ -73,6 +73,8 @@ READY_SCRIPT = textwrap.dedent(f"""\
     # virtfleet ready signal: once cloud-init has finished, print ONE line on the serial
     # console: '{READY_MARKER}' + /run/cloud-init/result.json without its newlines.
     # It runs detached from cloud-final (it waits for cloud-init, which waits for it).
+    # cloud-init writes result.json (atomically, on /run) when its final stage has ended:
+    # what `cloud-init status --wait` waits for, without a Python start (~20 s under TCG).
     if ! command -v cloud-init >/dev/null 2>&1; then
         line='{READY_MARKER}{NO_CLOUD_INIT_RESULT}'
         {{ printf '\\n%s\\n' "$line" >/dev/ttyS0; }} 2>/dev/null \\
@@ -80,7 +82,10 @@ READY_SCRIPT = textwrap.dedent(f"""\
         exit 0
     fi
     job='trap "" HUP
-    cloud-init status --wait >/dev/null 2>&1
+    n=0
+    while [ ! -e /run/cloud-init/result.json ] && [ "$n" -lt 18000 ]; do
+        sleep 0.2; n=$((n + 1))
+    done
     r=$(tr -d "\\r\\n" </run/cloud-init/result.json 2>/dev/null)
     [ -n "$r" ] ||
         r="{{\\"v1\\": {{\\"datasource\\": null, \\"errors\\": [\\"no result.json\\"]}}}}"

@@ -253,7 +253,10 @@ def test_ready_script_prints_the_contract_marker() -> None:
     script = userdata.READY_SCRIPT
     assert script.startswith("#!/bin/sh\n") and script.isascii()
     assert f"'{READY_MARKER}{userdata.NO_CLOUD_INIT_RESULT}'" in script
-    assert "cloud-init status --wait" in script and "/run/cloud-init/result.json" in script
+    # waits for the file cloud-init writes when its final stage ends (what `cloud-init status
+    # --wait` waits for, without starting Python), then prints it
+    assert "while [ ! -e /run/cloud-init/result.json ]" in script
+    assert "</run/cloud-init/result.json" in script
     assert "systemd-run --no-block" in script and "setsid" in script
     assert json.loads(userdata.NO_CLOUD_INIT_RESULT) == {"v1": {"datasource": None,
                                                                 "errors": []}}
