@@ -306,8 +306,8 @@ def measure(runs: int, warmup: int) -> dict[str, Any]:
         "API and bare rounds alternate, one guest at a time, same image, overlay size, "
         "user-data (composed the same way), network-config and static address.",
         "the API round ends when GET /vms/<id> first shows 'ready' (polled every "
-        f"{API_POLL:g} s): the worker saw the ready line, which the guest prints after "
-        "`cloud-init status --wait` returns, i.e. after the final message.",
+        f"{API_POLL:g} s): the worker saw the ready line, which the guest prints once "
+        "cloud-init has written result.json, i.e. after the final message.",
         "the bare round ends when cloud-init's final message appears in the console log "
         f"(read every {LOG_POLL:g} s); it excludes overlay + seed creation, the API round "
         "includes placement, image cache, overlay, seed and define.",
