@@ -8,7 +8,6 @@ address is on eth0, and the VM reached ``ready``. Every VM, network and file is 
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,6 @@ import pytest
 
 from bench.cluster import Cluster, free_cidr
 from bench.ready import openssh_ed25519
-from fleet.contract import network_libvirt_name
 from worker.virt import Virt
 
 pytestmark = pytest.mark.e2e
@@ -59,16 +57,6 @@ def debian_cluster(debian_image: Path) -> Iterator[Cluster]:
     with Cluster(workers={"local": {"VIRTFLEET_VIRT_TYPE": "qemu"}}) as c:
         c.register_image("debian12", debian_image, timeout=900)
         yield c
-
-
-@pytest.fixture
-def net_name() -> Iterator[str]:
-    name = f"e2e-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        with Virt("qemu:///system") as virt:
-            virt.remove_network(network_libvirt_name(name))
 
 
 def wait_console(cluster: Cluster, vm_id: str, needles: list[str], timeout: float) -> str:

@@ -6,9 +6,7 @@ left as it was. Every libvirt network a test makes is removed, even when it fail
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,16 +16,6 @@ from worker.networks import network_xml
 from worker.virt import Virt
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def net_name() -> Iterator[str]:
-    name = f"e2e-{secrets.token_hex(3)}"
-    try:
-        yield name
-    finally:
-        with Virt("qemu:///system") as virt:
-            virt.remove_network(network_libvirt_name(name))
 
 
 def test_a_vm_on_a_nat_fleet_network(cluster: Cluster, net_name: str) -> None:
