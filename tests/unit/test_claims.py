@@ -8,16 +8,11 @@ gets its own schema, dropped afterwards.
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, inspect, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func, inspect, select
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
@@ -32,40 +27,15 @@ SETTINGS = Settings(host_name="controller")
 REQ = Request(vcpus=1, memory_mb=512, disk_gb=2)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-        upgrade(url)
-        s = Store(url)
-        try:
-            yield s
-        finally:
-            s.dispose()
-        return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set: PostgreSQL tests need it")
-    schema = f"vf_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, connect_args={"connect_timeout": 10})
+@pytest.fixture
+def store(empty_db_url: str) -> Iterator[Store]:
+    """A migrated store: a SQLite file, then a PostgreSQL schema (conftest.empty_db_url)."""
+    upgrade(empty_db_url)
+    s = Store(empty_db_url)
     try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.fail(f"{PG_ENV} is set but PostgreSQL is unreachable: {exc.orig}")
-    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-    s = None
-    try:
-        upgrade(url.render_as_string(hide_password=False))
-        s = Store(url.render_as_string(hide_password=False))
         yield s
     finally:
-        if s is not None:
-            s.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        s.dispose()
 
 
 def add_host(store: Store, name: str, memory_mb: int, **kw: object) -> int:
