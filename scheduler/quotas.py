@@ -29,9 +29,12 @@ def usage(session: Session, project_id: int) -> dict[str, int]:
 def check(session: Session, project_id: int, *, vcpus: int, memory_mb: int, disk_gb: int,
           count: int = 1) -> None:
     """Raise QuotaExceeded if `count` VMs of this size do not fit the project's quotas."""
-    project = session.scalars(select(Project).where(Project.id == project_id)
-                              .with_for_update()).one()
-    limits = {name: getattr(project, attr) for attr, name in LIMITS}
+    # The limits' columns only, on the session's connection (no ORM object to build: this
+    # runs in every create's write transaction).
+    row = session.connection().execute(
+        select(*(getattr(Project, attr) for attr, _ in LIMITS))
+        .where(Project.id == project_id).with_for_update()).one()
+    limits = {name: row[i] for i, (_, name) in enumerate(LIMITS)}
     if all(v is None for v in limits.values()):
         return
     used = usage(session, project_id)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
@@ -21,7 +22,8 @@ from fleet.bus import Bus, event_payload
 from fleet.config import Settings
 from fleet.contract import NAME_RE
 from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
-from fleet.store.models import VM, Event, Image, Job, new_id
+from fleet.store.fast import FastStatement
+from fleet.store.models import VM, Event, Image, Job, new_id, utcnow
 from fleet.store.session import Store
 from scheduler import claims, ipam, quotas
 from scheduler.events import build_payload, record
@@ -73,8 +75,25 @@ def steps(session: Session, vm_id: str) -> list[dict[str, Any]]:
 
 @dataclass
 class Accepted:
-    vms: list[VM]
+    vms: list[Any]
+    """VMView of each VM as written (no session needed to read them)."""
     jobs: list[Job]
+
+
+class VMView:
+    """A VM row just written, read without a session: its columns from the object the
+    transaction wrote, and the relationships the build message and the API's answer read
+    (project, host, network) from what the create already knew. Re-reading the rows after
+    the commit cost more CPU than the write itself."""
+
+    def __init__(self, vm: VM, project: str, host: str | None, network: Any) -> None:
+        self._vm = vm
+        self.project = SimpleNamespace(name=project)
+        self.host = SimpleNamespace(name=host) if host is not None else None
+        self.network = network
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vm, name)
 
 
 def _publish(bus: Bus | None, ev: Event) -> None:
@@ -91,79 +110,113 @@ def vm_names(name: str, count: int) -> list[str]:
     return names
 
 
-def build_messages(store: Store, vms: list[VM], jobs: list[Job], image_id: str,
-                   settings: Settings) -> list[tuple[str, dict[str, Any]]]:
-    """(host, build payload) of each VM just created, read back in a read session."""
-    sends = []
-    with store.sessions() as r:
-        image = r.get(Image, image_id)
-        for vm, job in zip(vms, jobs, strict=True):
-            row = r.get(VM, vm.id)
-            if row is None or image is None:
-                log.warning("VM %s or its image was deleted before its build was sent", vm.id)
-                continue
-            sends.append((job.host_name, build_payload(row, image, job.id, settings)))
-    return sends
+_JOB_INSERT = FastStatement(insert(Job), ("id", "vm_id", "project_id", "kind", "state", "step",
+                                          "message", "host_name", "created_at", "updated_at"))
+_EVENT_INSERT = FastStatement(insert(Event).returning(Event.id),
+                              ("ts", "type", "vm_id", "project_id", "job_id", "host_name", "data"))
+"""A create's job and event rows, compiled once, run on the driver's connection
+(fleet/store/fast.py)."""
+
+
+def _names_taken(session: Session, project_id: int | None, names: list[str]) -> None:
+    taken = session.connection().execute(
+        select(VM.name).where(VM.project_id == project_id, VM.name.in_(names))).scalars().all()
+    if taken:
+        raise Conflict(f"a VM named '{taken[0]}' already exists in this project")
 
 
 def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
                who: Principal, data: dict[str, Any]) -> Accepted:
     """Place and claim `count` VMs, all or nothing, then send their builds. A static
     address is taken for each VM (scheduler.ipam) in the same transaction as its row and
-    claim: any failure gives everything back."""
+    claim: any failure gives everything back.
+
+    What needs no writer lock is read first, in a read session (the image, the keypairs, the
+    group and network); the write transaction then re-checks only what
+    a concurrent request could change under it (the image still active, the names still
+    free, the quotas with the project row locked, the group and network rows locked) before
+    it writes the rows and claims: on SQLite every writer of every process waits for it."""
     names = vm_names(data["name"], data.get("count", 1))
     userdata.validate(data.get("user_data") or "")  # 400 pointing at the line
     address_mode = data.get("address") or "dhcp"
-    with store.session() as s:
-        image = find_image(s, data["image"], who)
+    with store.sessions() as r:
+        image = find_image(r, data["image"], who)
         if image.status != "active":
             raise Conflict(f"image '{image.name}' is {image.status}, not active"
                            + (f": {image.status_reason}" if image.status_reason else ""))
-        group = find_group(s, data["server_group"], who) if data.get("server_group") else None
-        keys = find_keypairs(s, list(data.get("keypairs") or []), who)
-        network = find_network(s, data["network"], lock=True) if data.get("network") else None
+        group = find_group(r, data["server_group"], who) if data.get("server_group") else None
+        keys = find_keypairs(r, list(data.get("keypairs") or []), who)
+        network = find_network(r, data["network"]) if data.get("network") else None
         if address_mode == "static" and network is None:
             raise BadRequest("a static address needs a `network` to take it from",
                              {"address": ["a static address needs a `network`"]})
-        taken = s.scalars(select(VM.name).where(VM.project_id == who.project_id,
-                                                VM.name.in_(names))).all()
-        if taken:
-            raise Conflict(f"a VM named '{taken[0]}' already exists in this project")
+    with store.session() as s:
+        status = s.connection().scalar(select(Image.status).where(Image.id == image.id))
+        if status != "active":
+            raise Conflict(f"image '{image.name}' is "
+                           + ("gone" if status is None else f"{status}, not active"))
+        if group is not None:
+            group = find_group(s, group.id, who)
+        if network is not None:
+            network = find_network(s, network.id, lock=True)
         quotas.check(s, who.project_id, vcpus=data["vcpus"], memory_mb=data["memory_mb"],
                      disk_gb=data["disk_gb"], count=len(names))
+        # After the quota check, which locked the project's row: on PostgreSQL the creates of
+        # one project pass here one at a time, each seeing the names the previous one took.
+        _names_taken(s, who.project_id, names)
         vms, jobs, events = [], [], []
+        conn = s.connection()
+        now = utcnow()
         for name in names:
-            # Ids given here, not at the INSERT: the claim and the job refer to them, and the
-            # rows go in at the commit, in one flush.
-            vm = VM(id=new_id(), name=name, project_id=who.project_id, image_id=image.id,
-                    vcpus=data["vcpus"], memory_mb=data["memory_mb"], disk_gb=data["disk_gb"],
-                    user_data=data["user_data"], state="pending", mac=random_mac(),
-                    constraints=dict(data.get("constraints") or {}),
-                    server_group_id=group.id if group else None,
-                    network_id=network.id if network else None, address_mode=address_mode,
-                    keypairs=[k.name for k in keys], ssh_keys=[k.public_key for k in keys])
-            s.add(vm)
+            # Every column given here (none left to the INSERT's defaults): the row as
+            # written is what the build message and the answer read, with no read back.
+            values: dict[str, Any] = {
+                "id": new_id(), "name": name, "project_id": who.project_id,
+                "image_id": image.id, "vcpus": data["vcpus"], "memory_mb": data["memory_mb"],
+                "disk_gb": data["disk_gb"], "user_data": data["user_data"],
+                "state": "building", "state_reason": "", "failed_step": "",
+                "constraints": dict(data.get("constraints") or {}),
+                "server_group_id": group.id if group else None, "attempts": 0,
+                "mac": random_mac(), "addresses": [],
+                "network_id": network.id if network else None, "address_mode": address_mode,
+                "static_address": "", "keypairs": [k.name for k in keys],
+                "ssh_keys": [k.public_key for k in keys], "ready_at": None,
+                "boot_seconds": None, "created_at": now, "updated_at": now}
+            vm = VM(**values)
+            req = claims.request_for(s, vm, image.sha256)
             if network is not None and address_mode == "static":
+                s.add(vm)
                 s.flush()  # the address's row refers to the VM's
                 vm.static_address = ipam.allocate(s, network, vm.id)  # 409 when exhausted
-            host = claims.place_and_claim(s, vm, claims.request_for(s, vm, image.sha256),
-                                          settings)
-            vm.state = "building"
+                host = claims.place_and_claim(s, vm, req, settings)
+                s.flush()
+            else:
+                # The claim's compare-and-set, its row and the VM's row, on the driver's
+                # connection (claims.PlacedRow): the ORM's flush cost more than all three.
+                placed = claims.claim(s, vm.id, req, settings,
+                                      row=claims.PlacedRow(VM.__table__, values))
+                host = placed.host
+                vm.host_id, vm.alternates = host.id, placed.alternates
             job = Job(id=new_id(), vm_id=vm.id, project_id=who.project_id, kind="build",
-                      host_name=host.name)
-            s.add(job)
-            events.append(record(s, c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id,
-                                                 job_id=job.id, state="building"),
-                                 who.project_id))
-            vms.append(vm)
+                      state="queued", step="", message="", host_name=host.name,
+                      created_at=now, updated_at=now)
+            _JOB_INSERT.execute(conn, {k: getattr(job, k) for k in _JOB_INSERT.keys})
+            ev = c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id, job_id=job.id,
+                              state="building")
+            row = Event(type=ev["type"], ts=now, vm_id=vm.id, job_id=job.id,
+                        host_name=host.name, project_id=who.project_id, data=ev["data"])
+            row.id = _EVENT_INSERT.execute(
+                conn, {k: getattr(row, k) for k in _EVENT_INSERT.keys}).fetchone()[0]
+            events.append(row)
+            vms.append(VMView(vm, who.project, host.name, network))
             jobs.append(job)
-    # The build messages are made after the commit, from the rows as committed: composing
-    # user-data is the slowest part of a create, and the store's writer (SQLite: one at a
-    # time for every API process and the scheduler) need not wait for it.
-    sends = build_messages(store, vms, jobs, image.id, settings)
+    # The build messages are made after the commit, from the rows as the transaction wrote
+    # them (every column is set in Python: nothing to read back): composing user-data is
+    # the slowest part of a create, and the store's writer (SQLite: one at a time for every
+    # API process and the scheduler) need not wait for it.
     try:
-        for host_name, payload in sends:
-            dispatcher.build(host_name, payload)
+        for vm, job in zip(vms, jobs, strict=True):
+            dispatcher.build(job.host_name, build_payload(vm, image, job.id, settings))
     except Exception:
         log.exception("could not send builds")
         with store.session() as s:
