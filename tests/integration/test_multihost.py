@@ -103,7 +103,12 @@ def test_pack_policy_fills_one_host_first(tmp_path: Path, demo_image: Path) -> N
         c.register_image("demo", demo_image)
         r = create(c, "packed", count=3)
         assert r.status_code == 202, r.text
-        assert len(set(hosts_of(c, r.json()["vms"]))) == 1
+        placed = [vm["host"] for vm in r.json()["vms"]]
+        hosts = hosts_of(c, r.json()["vms"])
+        events = [(e["type"], e["host"], e["data"]) for vm in r.json()["vms"]
+                  for e in c.api.get("/events", params={"vm_id": vm["id"]}).json()]
+        assert len(set(placed)) == 1, (placed, events)
+        assert len(set(hosts)) == 1, (hosts, events)
 
 
 def test_dead_host_goes_down_and_failed_build_moves_to_an_alternate(
