@@ -115,6 +115,9 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     redis_db: int = 0
     keep: bool = False
+    worker_nice: int = 0
+    """Niceness of the worker processes. A benchmark of the control plane sets it: its
+    simulated hosts stand for other machines, but here they share the control plane's CPUs."""
     root: Path = field(init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     api: Api = field(init=False)
@@ -187,17 +190,20 @@ class Cluster:
     def log_path(self, name: str) -> Path:
         return self.root / f"{name}.log"
 
-    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
+    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None,
+              nice: int = 0) -> None:
         env = {**os.environ, **self.settings_env, **(extra_env or {})}
+        argv = [sys.executable, "-m", "fleet.cli", *args]
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]  # nice(1) execs: the pid is Python's
         with self.log_path(name).open("ab") as log:
             self.procs[name] = subprocess.Popen(  # noqa: S603 - our own argv
-                [sys.executable, "-m", "fleet.cli", *args], env=env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_worker(self, name: str, extra: dict[str, str] | None = None) -> None:
         env = {"VIRTFLEET_HOST_NAME": name,
                "VIRTFLEET_STORAGE_DIR": str(self.root / f"storage-{name}"), **(extra or {})}
-        self.start(f"worker-{name}", ["worker"], env)
+        self.start(f"worker-{name}", ["worker"], env, nice=self.worker_nice)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         proc = self.procs.pop(name, None)

@@ -132,11 +132,14 @@ def bench_submit(runs: int, warmup: int, as_json: bool, strict: bool) -> None:
 @click.option("--requests", "requests_total", default=200, show_default=True)
 @click.option("--room", default=150, show_default=True, help="VMs the hosts have room for")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--hosts-nice", default=10, show_default=True, type=click.IntRange(0, 19),
+              help="niceness of the simulated hosts' workers (0: as the control plane)")
 @click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
-def bench_burst(requests_total: int, room: int, as_json: bool, strict: bool) -> None:
+def bench_burst(requests_total: int, room: int, hosts_nice: int, as_json: bool,
+                strict: bool) -> None:
     """Concurrent creates through two API processes against a fixed room."""
     from bench.burst import main as run_burst
-    figures = run_burst(requests_total, room, as_json)
+    figures = run_burst(requests_total, room, as_json, hosts_nice)
     sys.exit(1 if strict and not figures["pass"] else 0)
 
 

@@ -276,6 +276,26 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
                       {"filters": ranking.removed, "hosts": len(hosts)})
 
 
+def check_room(session: Session, req: Request, settings: Settings) -> None:
+    """Raise NoValidHost (with per-filter counts) when no host can take `req` as the store
+    last committed its hosts, before any write transaction: the cached hosts first, and when
+    they have no room, a fresh read (on the host cache's own connection: it never waits for
+    the store's writer). Room found here is not a claim: `claim` decides again under the
+    writer lock. Does nothing when the host cache is off."""
+    cached = hostcache.for_session(session, settings)
+    if cached is None:
+        return
+    weighers = _weighers(settings.placement_policy)
+    ranking = rank(cached.hosts(), req, weighers=weighers, top_random=1)
+    if len(ranking):
+        return
+    hosts = cached.hosts(reload=True)
+    ranking = rank(hosts, req, weighers=weighers, top_random=1)
+    if not len(ranking):
+        raise NoValidHost(_no_host_message(len(hosts), ranking.removed),
+                          {"filters": ranking.removed, "hosts": len(hosts)})
+
+
 def place_and_claim(session: Session, vm: VM, req: Request, settings: Settings,
                     only: frozenset[str] | None = None) -> HostSnapshot:
     """`claim` for a VM row: sets its host and alternates, returns the chosen host as the

@@ -3,10 +3,11 @@ claim (the project row is locked first, so two requests cannot both pass the las
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from fleet.exceptions import Conflict
+from fleet.store.fast import FastStatement
 from fleet.store.models import VM, Project
 
 LIMITS = (("max_instances", "instances"), ("max_vcpus", "vcpus"),
@@ -17,7 +18,7 @@ class QuotaExceeded(Conflict):
     """The request would take the project above one of its quotas."""
 
 
-def usage(session: Session, project_id: int) -> dict[str, int]:
+def usage(session: Session | Connection, project_id: int) -> dict[str, int]:
     row = session.execute(
         select(func.count(VM.id), func.coalesce(func.sum(VM.vcpus), 0),
                func.coalesce(func.sum(VM.memory_mb), 0), func.coalesce(func.sum(VM.disk_gb), 0))
@@ -26,18 +27,24 @@ def usage(session: Session, project_id: int) -> dict[str, int]:
             "disk_gb": int(row[3])}
 
 
-def check(session: Session, project_id: int, *, vcpus: int, memory_mb: int, disk_gb: int,
-          count: int = 1) -> None:
+_LIMITS = FastStatement(
+    select(*(getattr(Project, attr) for attr, _ in LIMITS))
+    .where(Project.id == bindparam("project_id")).with_for_update(), ("project_id",))
+"""The project's limits, its row locked (PostgreSQL): in every create's write transaction,
+so compiled once and run on the driver's connection (fleet/store/fast.py)."""
+
+
+def check(session: Session | Connection, project_id: int, *, vcpus: int, memory_mb: int,
+          disk_gb: int, count: int = 1) -> None:
     """Raise QuotaExceeded if `count` VMs of this size do not fit the project's quotas."""
-    # The limits' columns only, on the session's connection (no ORM object to build: this
-    # runs in every create's write transaction).
-    row = session.connection().execute(
-        select(*(getattr(Project, attr) for attr, _ in LIMITS))
-        .where(Project.id == project_id).with_for_update()).one()
+    conn = session if isinstance(session, Connection) else session.connection()
+    row = _LIMITS.execute(conn, {"project_id": project_id}).fetchone()
+    if row is None:
+        raise Conflict("the project is gone")
     limits = {name: row[i] for i, (_, name) in enumerate(LIMITS)}
     if all(v is None for v in limits.values()):
         return
-    used = usage(session, project_id)
+    used = usage(conn, project_id)
     want = {"instances": count, "vcpus": vcpus * count, "memory_mb": memory_mb * count,
             "disk_gb": disk_gb * count}
     over = {name: {"limit": limit, "used": used[name], "requested": want[name]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -55,6 +56,14 @@ def keep_freed_memory() -> bool:
                 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+GIL_SWITCH_INTERVAL = 0.001
+"""Seconds a thread may keep the GIL while others wait for it (Python's default: 0.005).
+A request thread holding the store's writer lock gives up the GIL at each SQLite call and
+then waits behind the other request threads to get it back; with the default, a create's
+write transaction took about three times its own CPU time in a burst of 200 creates, and
+every other writer of every process waited for it."""
+
+
 def serve(settings: Settings) -> None:
     """gunicorn with `web_workers` processes of `web_threads` threads each. One process by
     default: writes to the store queue one at a time whatever the number of processes (SQLite
@@ -62,6 +71,7 @@ def serve(settings: Settings) -> None:
     interpreter competing for the CPUs; in a burst of 200 creates through two API processes,
     1 x 32 answered the slowest request about 40% sooner than 2 x 16."""
     from web import create_app
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # inherited by gunicorn's forked workers
     if not keep_freed_memory():  # before gunicorn forks its workers: they inherit it
         log.info("glibc's mallopt is not available: memory is left as the C library keeps it")
     _Gunicorn(create_app(settings=settings), {

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Connection, bindparam, delete, insert, select
 from sqlalchemy.orm import Session
 
 from fleet import contract as c
@@ -23,7 +23,7 @@ from fleet.config import Settings
 from fleet.contract import NAME_RE
 from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
 from fleet.store.fast import FastStatement
-from fleet.store.models import VM, Event, Image, Job, new_id, utcnow
+from fleet.store.models import VM, Event, Image, Job, Network, new_id, utcnow
 from fleet.store.session import Store
 from scheduler import claims, ipam, quotas
 from scheduler.events import build_payload, record
@@ -114,15 +114,142 @@ _JOB_INSERT = FastStatement(insert(Job), ("id", "vm_id", "project_id", "kind", "
                                           "message", "host_name", "created_at", "updated_at"))
 _EVENT_INSERT = FastStatement(insert(Event).returning(Event.id),
                               ("ts", "type", "vm_id", "project_id", "job_id", "host_name", "data"))
-"""A create's job and event rows, compiled once, run on the driver's connection
-(fleet/store/fast.py)."""
+_IMAGE_STATUS = FastStatement(select(Image.status).where(Image.id == bindparam("image_id")),
+                              ("image_id",))
+_NAME_TAKEN = FastStatement(select(VM.id).where(VM.project_id == bindparam("project_id"),
+                                                VM.name == bindparam("name")).limit(1),
+                            ("project_id", "name"))
+_NETWORK_HELD = FastStatement(select(Network.id).where(Network.id == bindparam("network_id"))
+                              .with_for_update(key_share=True), ("network_id",))
+"""A create's statements, compiled once, run on the driver's connection (fleet/store/fast.py):
+SQLAlchemy's own work per statement cost more than SQLite's, under the writer lock."""
 
 
-def _names_taken(session: Session, project_id: int | None, names: list[str]) -> None:
-    taken = session.connection().execute(
-        select(VM.name).where(VM.project_id == project_id, VM.name.in_(names))).scalars().all()
-    if taken:
-        raise Conflict(f"a VM named '{taken[0]}' already exists in this project")
+@dataclass
+class _NewVM:
+    """One VM of a create as it will be written: every column set in Python (none left to
+    the INSERT's defaults), so the rows as written are what the build message and the answer
+    read, with no read back. Made before the write transaction; the claim names its host."""
+
+    values: dict[str, Any]
+    vm: VM
+    job: Job
+
+    def request(self, image_sha256: str) -> claims.Request:
+        v = self.values
+        return claims.Request(vcpus=v["vcpus"], memory_mb=v["memory_mb"], disk_gb=v["disk_gb"],
+                              image_sha256=image_sha256, constraints=v["constraints"])
+
+
+def _new_vms(names: list[str], who: Principal, data: dict[str, Any], image: Image,
+             group: Any, network: Any, address_mode: str, keys: list[Any]) -> list[_NewVM]:
+    now = utcnow()
+    out = []
+    for name in names:
+        values: dict[str, Any] = {
+            "id": new_id(), "name": name, "project_id": who.project_id,
+            "image_id": image.id, "vcpus": data["vcpus"], "memory_mb": data["memory_mb"],
+            "disk_gb": data["disk_gb"], "user_data": data["user_data"],
+            "state": "building", "state_reason": "", "failed_step": "",
+            "constraints": dict(data.get("constraints") or {}),
+            "server_group_id": group.id if group else None, "attempts": 0,
+            "mac": random_mac(), "addresses": [],
+            "network_id": network.id if network else None, "address_mode": address_mode,
+            "static_address": "", "keypairs": [k.name for k in keys],
+            "ssh_keys": [k.public_key for k in keys], "ready_at": None,
+            "boot_seconds": None, "created_at": now, "updated_at": now}
+        job = Job(id=new_id(), vm_id=values["id"], project_id=who.project_id, kind="build",
+                  state="queued", step="", message="", host_name="", created_at=now,
+                  updated_at=now)
+        out.append(_NewVM(values, VM(**values), job))
+    return out
+
+
+def _placed(conn: Connection, new: _NewVM, host: str, who: Principal) -> Event:
+    """The VM is claimed on `host`: its job and its first event, on the driver's connection."""
+    new.job.host_name = host
+    job = new.job
+    _JOB_INSERT.execute(conn, {k: getattr(job, k) for k in _JOB_INSERT.keys})
+    ev = c.make_event(c.EV_STATE, host=host, vm_id=job.vm_id, job_id=job.id, state="building")
+    row = Event(type=ev["type"], ts=job.created_at, vm_id=job.vm_id, job_id=job.id,
+                host_name=host, project_id=who.project_id, data=ev["data"])
+    row.id = _EVENT_INSERT.execute(
+        conn, {k: getattr(row, k) for k in _EVENT_INSERT.keys}).fetchone()[0]
+    return row
+
+
+def _check_image(conn: Connection, image: Image) -> None:
+    found = _IMAGE_STATUS.execute(conn, {"image_id": image.id}).fetchone()
+    if found is None or found[0] != "active":
+        raise Conflict(f"image '{image.name}' is "
+                       + ("gone" if found is None else f"{found[0]}, not active"))
+
+
+def _check_names(conn: Connection, project_id: int | None, names: list[str]) -> None:
+    for name in names:
+        if _NAME_TAKEN.execute(conn, {"project_id": project_id, "name": name}).fetchone():
+            raise Conflict(f"a VM named '{name}' already exists in this project")
+
+
+def _write_plain(store: Store, settings: Settings, who: Principal, new: list[_NewVM],
+                 image: Image, network: Any) -> list[Event]:
+    """The write transaction of a create with no server group and no static address, the
+    common case: a Core transaction (no ORM Session) of precompiled statements. Re-checks
+    what a concurrent request could have changed since the reads (the image still active,
+    the network still there, the quotas with the project's row locked, the names still
+    free), then claims each VM with its row (claims.PlacedRow), job and event."""
+    events = []
+    with store.transaction() as conn:
+        _check_image(conn, image)
+        if network is not None and _NETWORK_HELD.execute(
+                conn, {"network_id": network.id}).fetchone() is None:
+            raise NotFound(f"network '{network.name}' not found")
+        v = new[0].values
+        quotas.check(conn, who.project_id, vcpus=v["vcpus"], memory_mb=v["memory_mb"],
+                     disk_gb=v["disk_gb"], count=len(new))
+        # After the quota check, which locked the project's row: on PostgreSQL the creates of
+        # one project pass here one at a time, each seeing the names the previous one took.
+        _check_names(conn, who.project_id, [n.values["name"] for n in new])
+        for n in new:
+            placed = claims.claim(conn, n.vm.id, n.request(image.sha256), settings,
+                                  row=claims.PlacedRow(VM.__table__, n.values))
+            n.vm.host_id, n.vm.alternates = placed.host.id, placed.alternates
+            events.append(_placed(conn, n, placed.host.name, who))
+    return events
+
+
+def _write_session(store: Store, settings: Settings, who: Principal, new: list[_NewVM],
+                   image: Image, group: Any, network: Any) -> list[Event]:
+    """The write transaction of a create in a server group or with static addresses (the
+    group's row locked, addresses taken by scheduler.ipam): an ORM Session."""
+    events = []
+    with store.session() as s:
+        conn = s.connection()
+        _check_image(conn, image)
+        if group is not None:
+            group = find_group(s, group.id, who)
+        if network is not None:
+            network = find_network(s, network.id, lock=True)
+        v = new[0].values
+        quotas.check(s, who.project_id, vcpus=v["vcpus"], memory_mb=v["memory_mb"],
+                     disk_gb=v["disk_gb"], count=len(new))
+        _check_names(conn, who.project_id, [n.values["name"] for n in new])
+        for n in new:
+            vm = n.vm
+            req = claims.request_for(s, vm, image.sha256)
+            if network is not None and vm.address_mode == "static":
+                s.add(vm)
+                s.flush()  # the address's row refers to the VM's
+                vm.static_address = ipam.allocate(s, network, vm.id)  # 409 when exhausted
+                host = claims.place_and_claim(s, vm, req, settings).name
+                s.flush()
+            else:
+                placed = claims.claim(s, vm.id, req, settings,
+                                      row=claims.PlacedRow(VM.__table__, n.values))
+                vm.host_id, vm.alternates = placed.host.id, placed.alternates
+                host = placed.host.name
+            events.append(_placed(conn, n, host, who))
+    return events
 
 
 def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | None,
@@ -131,11 +258,10 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
     address is taken for each VM (scheduler.ipam) in the same transaction as its row and
     claim: any failure gives everything back.
 
-    What needs no writer lock is read first, in a read session (the image, the keypairs, the
-    group and network); the write transaction then re-checks only what
-    a concurrent request could change under it (the image still active, the names still
-    free, the quotas with the project row locked, the group and network rows locked) before
-    it writes the rows and claims: on SQLite every writer of every process waits for it."""
+    What needs no writer lock is done first: the reads (the image, the keypairs, the group
+    and network) in a read session, a refusal when no host has room as last committed, and
+    the rows made in Python; the write transaction then only re-checks and writes (on SQLite
+    every writer of every process waits for it)."""
     names = vm_names(data["name"], data.get("count", 1))
     userdata.validate(data.get("user_data") or "")  # 400 pointing at the line
     address_mode = data.get("address") or "dhcp"
@@ -150,66 +276,17 @@ def create_vms(store: Store, settings: Settings, dispatcher: Any, bus: Bus | Non
         if address_mode == "static" and network is None:
             raise BadRequest("a static address needs a `network` to take it from",
                              {"address": ["a static address needs a `network`"]})
-    with store.session() as s:
-        status = s.connection().scalar(select(Image.status).where(Image.id == image.id))
-        if status != "active":
-            raise Conflict(f"image '{image.name}' is "
-                           + ("gone" if status is None else f"{status}, not active"))
-        if group is not None:
-            group = find_group(s, group.id, who)
-        if network is not None:
-            network = find_network(s, network.id, lock=True)
-        quotas.check(s, who.project_id, vcpus=data["vcpus"], memory_mb=data["memory_mb"],
-                     disk_gb=data["disk_gb"], count=len(names))
-        # After the quota check, which locked the project's row: on PostgreSQL the creates of
-        # one project pass here one at a time, each seeing the names the previous one took.
-        _names_taken(s, who.project_id, names)
-        vms, jobs, events = [], [], []
-        conn = s.connection()
-        now = utcnow()
-        for name in names:
-            # Every column given here (none left to the INSERT's defaults): the row as
-            # written is what the build message and the answer read, with no read back.
-            values: dict[str, Any] = {
-                "id": new_id(), "name": name, "project_id": who.project_id,
-                "image_id": image.id, "vcpus": data["vcpus"], "memory_mb": data["memory_mb"],
-                "disk_gb": data["disk_gb"], "user_data": data["user_data"],
-                "state": "building", "state_reason": "", "failed_step": "",
-                "constraints": dict(data.get("constraints") or {}),
-                "server_group_id": group.id if group else None, "attempts": 0,
-                "mac": random_mac(), "addresses": [],
-                "network_id": network.id if network else None, "address_mode": address_mode,
-                "static_address": "", "keypairs": [k.name for k in keys],
-                "ssh_keys": [k.public_key for k in keys], "ready_at": None,
-                "boot_seconds": None, "created_at": now, "updated_at": now}
-            vm = VM(**values)
-            req = claims.request_for(s, vm, image.sha256)
-            if network is not None and address_mode == "static":
-                s.add(vm)
-                s.flush()  # the address's row refers to the VM's
-                vm.static_address = ipam.allocate(s, network, vm.id)  # 409 when exhausted
-                host = claims.place_and_claim(s, vm, req, settings)
-                s.flush()
-            else:
-                # The claim's compare-and-set, its row and the VM's row, on the driver's
-                # connection (claims.PlacedRow): the ORM's flush cost more than all three.
-                placed = claims.claim(s, vm.id, req, settings,
-                                      row=claims.PlacedRow(VM.__table__, values))
-                host = placed.host
-                vm.host_id, vm.alternates = host.id, placed.alternates
-            job = Job(id=new_id(), vm_id=vm.id, project_id=who.project_id, kind="build",
-                      state="queued", step="", message="", host_name=host.name,
-                      created_at=now, updated_at=now)
-            _JOB_INSERT.execute(conn, {k: getattr(job, k) for k in _JOB_INSERT.keys})
-            ev = c.make_event(c.EV_STATE, host=host.name, vm_id=vm.id, job_id=job.id,
-                              state="building")
-            row = Event(type=ev["type"], ts=now, vm_id=vm.id, job_id=job.id,
-                        host_name=host.name, project_id=who.project_id, data=ev["data"])
-            row.id = _EVENT_INSERT.execute(
-                conn, {k: getattr(row, k) for k in _EVENT_INSERT.keys}).fetchone()[0]
-            events.append(row)
-            vms.append(VMView(vm, who.project, host.name, network))
-            jobs.append(job)
+        new = _new_vms(names, who, data, image, group, network, address_mode, keys)
+        if group is None:
+            # No host with room as the store last committed it: refused here, without the
+            # writer lock (a refusal is as true of that moment as of a later one).
+            claims.check_room(r, new[0].request(image.sha256), settings)
+    if group is None and address_mode != "static":
+        events = _write_plain(store, settings, who, new, image, network)
+    else:
+        events = _write_session(store, settings, who, new, image, group, network)
+    vms = [VMView(n.vm, who.project, n.job.host_name, network) for n in new]
+    jobs = [n.job for n in new]
     # The build messages are made after the commit, from the rows as the transaction wrote
     # them (every column is set in Python: nothing to read back): composing user-data is
     # the slowest part of a create, and the store's writer (SQLite: one at a time for every
