@@ -282,6 +282,11 @@ def _user_parts(user_data: str) -> list[email.message.Message]:
     return _parse_mime(user_data)[1]
 
 
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's safe dumper when PyYAML has it (the same text, a tenth of the CPU: this runs for
+every VM created), else PyYAML's own."""
+
+
 def virtfleet_cloud_config(*, hostname: str, ssh_keys: list[str], fqdn: str | None = None) -> str:
     """virtfleet's own ``#cloud-config`` part (ASCII: non-ASCII is escaped by the YAML dump)."""
     doc: dict[str, Any] = {"merge_how": MERGE_HOW, "hostname": hostname}
@@ -289,8 +294,8 @@ def virtfleet_cloud_config(*, hostname: str, ssh_keys: list[str], fqdn: str | No
         doc["fqdn"] = fqdn
     if ssh_keys:
         doc["ssh_authorized_keys"] = [str(k).strip() for k in ssh_keys]
-    body = yaml.safe_dump(doc, default_flow_style=False, sort_keys=False, allow_unicode=False,
-                          width=1 << 16)
+    body = yaml.dump(doc, Dumper=_DUMPER, default_flow_style=False, sort_keys=False,
+                     allow_unicode=False, width=1 << 16)
     return f"{_CLOUD_CONFIG}\n{body}"
 
 
