@@ -296,6 +296,28 @@ def test_no_room_raises_with_per_filter_counts(store: Store,
         {"full": 0, "dead": 0, "off": 0}
 
 
+def test_check_room_refuses_from_committed_hosts_without_the_writer(
+        store: Store, project_image: tuple[int, str]) -> None:
+    """The early refusal reads only committed state (a read session: no write transaction),
+    re-reads before refusing when the cache says no room, and passes when a host has room."""
+    from scheduler import hostcache
+    hostcache.reset()
+    host = add_host(store, "small", memory_mb=512)
+    with store.sessions() as r:
+        claims.check_room(r, REQ, SETTINGS)  # 512 MiB free: room for one
+    with store.session() as s:  # another API process takes the last room
+        claims.place_and_claim(s, new_vm(s, project_image, "vm-1"), REQ, SETTINGS)
+    with pytest.raises(NoValidHost) as err, store.sessions() as r:
+        claims.check_room(r, REQ, SETTINGS)
+    assert err.value.errors["filters"]["resources"] == 1
+    with store.session() as s:  # room given back: the cached "full" host is read again
+        assert claims.release(s, s.scalars(select(VM.id)).one())
+    with store.sessions() as r:
+        claims.check_room(r, REQ, SETTINGS)
+    assert host_row(store, "small").id == host
+    hostcache.reset()
+
+
 def test_settings_ratios_apply_when_the_host_has_none(store: Store,
                                                       project_image: tuple[int, str]) -> None:
     # 2 vCPUs and no per-host ratio: the default cpu_allocation_ratio (4.0) allows 8.
