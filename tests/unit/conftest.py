@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from fleet.store.migrate import upgrade
+from fleet.store.session import Store
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +52,18 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def store(empty_db_url: str) -> Iterator[Store]:
+    """A migrated store: a SQLite file, then a PostgreSQL schema (empty_db_url), with the
+    process's host caches forgotten before and after (scheduler/hostcache.py)."""
+    from scheduler import hostcache
+    upgrade(empty_db_url)
+    s = Store(empty_db_url)
+    hostcache.reset()
+    try:
+        yield s
+    finally:
+        hostcache.reset()
+        s.dispose()

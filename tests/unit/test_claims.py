@@ -9,14 +9,12 @@ gets its own schema, dropped afterwards.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import func, inspect, select
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
-from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Host, Image, Project
 from fleet.store.session import Store
 from scheduler import claims
@@ -25,17 +23,6 @@ from scheduler.placement import Request
 PG_ENV = "VIRTFLEET_TEST_PG_URL"
 SETTINGS = Settings(host_name="controller")
 REQ = Request(vcpus=1, memory_mb=512, disk_gb=2)
-
-
-@pytest.fixture
-def store(empty_db_url: str) -> Iterator[Store]:
-    """A migrated store: a SQLite file, then a PostgreSQL schema (conftest.empty_db_url)."""
-    upgrade(empty_db_url)
-    s = Store(empty_db_url)
-    try:
-        yield s
-    finally:
-        s.dispose()
 
 
 def add_host(store: Store, name: str, memory_mb: int, **kw: object) -> int:

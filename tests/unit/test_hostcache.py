@@ -23,7 +23,6 @@ from scheduler.events import apply_event, mark_silent_hosts_down
 from scheduler.snapshot import Request
 from tests.unit import test_claims
 
-store = test_claims.store
 project_image = test_claims.project_image
 add_host = test_claims.add_host
 new_vm = test_claims.new_vm

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,20 +14,9 @@ from sqlalchemy import func, select
 
 from fleet import networks
 from fleet.exceptions import Conflict
-from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Image, IPAllocation, Network, Project
 from fleet.store.session import Store
 from scheduler import ipam
-
-
-@pytest.fixture
-def store(empty_db_url: str) -> Iterator[Store]:
-    upgrade(empty_db_url)
-    s = Store(empty_db_url)
-    try:
-        yield s
-    finally:
-        s.dispose()
 
 
 def add_network(store: Store, name: str = "lab", cidr: str = "10.9.0.0/28",

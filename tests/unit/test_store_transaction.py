@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -37,18 +36,6 @@ from scheduler.snapshot import HostSnapshot, HostTable, Request
 
 SETTINGS = Settings(host_name="controller")
 REQ = Request(vcpus=1, memory_mb=512, disk_gb=2)
-
-
-@pytest.fixture
-def store(empty_db_url: str) -> Iterator[Store]:
-    upgrade(empty_db_url)
-    s = Store(empty_db_url)
-    hostcache.reset()
-    try:
-        yield s
-    finally:
-        hostcache.reset()
-        s.dispose()
 
 
 @pytest.fixture
