@@ -2,9 +2,16 @@
 and make the image `active` — or `error`, with a reason safe to show.
 
 Owns what TASK_INSPECT_IMAGE does to a file in `<state_dir>/imports/<image id>` (written by
-the web, format pinned from its header), the runner that keeps that work off the control
-queue's thread (a conversion takes seconds to minutes; heartbeats must not wait behind it),
-picking up imports a restart interrupted, and what EV_IMAGE_CACHED means for a host.
+the web, format pinned from its header; for an admin's raw file on the controller, a symbolic
+link to it, read as raw), the runner that keeps that work off the control queue's thread (a
+conversion takes seconds to minutes; heartbeats must not wait behind it), picking up imports
+a restart interrupted, and what EV_IMAGE_CACHED means for a host.
+
+Before an image is `active` its file is in the store under its content address (the sha256
+hosts check: of the stored bytes, computed by the web for a qcow2 as it came in, here for a
+conversion), checked by `qemu-img info` (a conversion: before and after), synced to disk, and
+its name in the store synced too (the directory). What can overlap does: a qcow2's fsync runs
+while qemu-img inspects it; a conversion's hash, fsync and check run together.
 
 qemu-img runs only through worker.images (used here as a library), always with the pinned
 format, under time and memory limits. Must not: fetch anything, probe a format, or leave a
@@ -101,9 +108,9 @@ def hash_and_sync(path: Path, also: Callable[[], Any] | None = None) -> tuple[st
 
 
 def _publish_file(tmp: Path, sha: str, store_dir: Path, keep: bool = False) -> bool:
-    """Give a finished file its content address; with `keep`, as a second name (a hard
-    link), leaving `tmp` where it is. False when a twin was there already (it wins, and
-    `tmp` is left as it is)."""
+    """Give a finished (synced) file its content address, durably (the store's directory is
+    synced after the new name); with `keep`, as a second name (a hard link), leaving `tmp`
+    where it is. False when a twin was there already (it wins, and `tmp` is left as it is)."""
     final = store_dir / sha
     if final.exists():
         return False
@@ -112,16 +119,28 @@ def _publish_file(tmp: Path, sha: str, store_dir: Path, keep: bool = False) -> b
         os.link(tmp, final)
     else:
         os.replace(tmp, final)
+    sync_dir(store_dir)
     return True
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory: the names made or changed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> Result:
     """Inspect `src` read as `fmt` and put the qcow2 hosts will get into the image store.
 
     qcow2 is checked and kept as it is (`known_sha256`, computed while it was stored, saves
-    reading it again); raw is converted to qcow2 and the result checked again. `src` stays
-    (the caller removes it once the store says how this ended). Raises ImportFailed (or
-    ProcError/OSError, turned into a reason by the caller).
+    reading it again: it is then synced while qemu-img checks it); raw is converted to qcow2
+    (with ``-f raw``: `src` may be a link to an admin's file) and the result hashed, synced
+    and checked again at once. `src` stays (the caller removes it once the store says how
+    this ended). Raises ImportFailed (or ProcError/OSError, turned into a reason by the
+    caller).
     """
     started_at = time.time()
     if fmt not in ("qcow2", "raw"):
@@ -129,6 +148,8 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     store_dir = images_dir(settings)
     store_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    if fmt == "qcow2" and known_sha256:
+        return _keep_qcow2(src, known_sha256, store_dir, settings, timings, started_at)
     t0 = time.perf_counter()
     try:
         data = images.check_untrusted(src, fmt, settings.max_virtual_bytes)
@@ -138,12 +159,7 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     timings["inspect_s"] = time.perf_counter() - t0
     if fmt == "qcow2":
         t1 = time.perf_counter()
-        if known_sha256:
-            sha = known_sha256
-            with src.open("rb") as fh:
-                os.fsync(fh.fileno())
-        else:
-            sha = hash_and_sync(src)[0]
+        sha = hash_and_sync(src)[0]
         size = src.stat().st_size
         t2 = time.perf_counter()
         timings["hash_s"] = t2 - t1
@@ -175,6 +191,31 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     return Result(sha, size, vsize, timings, None if published else tmp, started_at)
 
 
+def _keep_qcow2(src: Path, sha: str, store_dir: Path, settings: Settings,
+                timings: dict[str, float], started_at: float) -> Result:
+    """A qcow2 whose sha256 the web computed as it stored it: synced (the web had the
+    kernel write it out as it came: little is left) while qemu-img inspects it, then given
+    its content address."""
+    t0 = time.perf_counter()
+    with src.open("rb") as fh, ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="image-sync") as pool:
+        synced = pool.submit(os.fsync, fh.fileno())
+        try:
+            data = images.check_untrusted(src, "qcow2", settings.max_virtual_bytes)
+        except images.UnsafeImage as exc:
+            raise ImportFailed(str(exc)) from None
+        finally:
+            t1 = time.perf_counter()
+            timings["inspect_s"] = t1 - t0
+            synced.result()
+        size = os.fstat(fh.fileno()).st_size
+    t2 = time.perf_counter()
+    timings["sync_s"] = t2 - t1
+    _publish_file(src, sha, store_dir, keep=True)
+    timings["publish_s"] = time.perf_counter() - t2
+    return Result(sha, size, int(data["virtual-size"]), timings, started_at=started_at)
+
+
 def convert_path(store_dir: Path, image_id: str) -> Path:
     """Where the qcow2 of a raw import is written before it has its content address."""
     return store_dir / f"{CONVERT_PREFIX}{image_id}.qcow2"
@@ -202,8 +243,12 @@ def inspect_image(store: Store, settings: Settings, image_id: str,
             return None
         fmt, known_sha = image.original_format, image.sha256
     src = imports_dir(settings) / image_id
+    # The lock says which process has the image in hand: the file itself, or, for a link to
+    # an admin's file (which other imports may link to too), a lock file of the image's own.
+    linked = src.is_symlink()
+    lock = lock_path(src) if linked else src
     try:
-        fh = src.open("rb")
+        fh = lock.open("ab" if linked else "rb")
     except FileNotFoundError:
         return _finish(store, image_id, None, "the imported file is gone (the import was "
                                               "interrupted): register the image again")
@@ -212,8 +257,15 @@ def inspect_image(store: Store, settings: Settings, image_id: str,
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None  # another scheduler process is on it
-        if not src.exists():
+        if not os.path.lexists(src):
+            if linked:
+                lock.unlink(missing_ok=True)
             return None  # it finished just before we took the lock
+        if linked and not src.exists():
+            src.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            return _finish(store, image_id, None, "the file to import is no longer on the "
+                                                  "controller: register the image again")
         started = time.perf_counter()
         result: Result | None = None
         reason = ""
@@ -236,9 +288,16 @@ def inspect_image(store: Store, settings: Settings, image_id: str,
         # for the next try): whoever finds it gone while the image is still importing knows
         # the import was really lost.
         src.unlink(missing_ok=True)
+        if linked:
+            lock.unlink(missing_ok=True)
         if result is not None and result.twin_copy is not None:
             result.twin_copy.unlink(missing_ok=True)
         return row
+
+
+def lock_path(src: Path) -> Path:
+    """The lock file of an import whose `imports/<id>` is a link to an admin's file."""
+    return src.with_name(f".{src.name}.lock")
 
 
 def _finish(store: Store, image_id: str, result: Result | None, reason: str) -> Event | None:
@@ -292,8 +351,9 @@ HANDLERS: dict[str, Callable[[Session, dict[str, Any]], Event]] = {
 
 
 LEFTOVER_SECONDS = 24 * 3600.0
-"""Files in the imports directory that no importing image owns (an upload cut off, a web
-process killed between storing a file and writing its image) go after this long."""
+"""Files (and links) in the imports directory that no importing image owns (an upload cut
+off, a web process killed between storing a file and writing its image) go after this
+long."""
 
 
 def remove_leftovers(directory: Path, importing: set[str],
@@ -306,8 +366,9 @@ def remove_leftovers(directory: Path, importing: set[str],
     now = time.time()
     for p in directory.iterdir():
         try:
-            if (p.name in importing or not p.name.startswith(prefix) or not p.is_file()
-                    or now - p.stat().st_mtime < older_than):
+            if (p.name in importing or not p.name.startswith(prefix)
+                    or not (p.is_symlink() or p.is_file())
+                    or now - p.lstat().st_mtime < older_than):
                 continue
             p.unlink()
             removed.append(p.name)
@@ -351,7 +412,8 @@ class Runner:
             try:
                 with self.store.sessions() as s:
                     ids = list(s.scalars(select(Image.id).where(Image.status == "importing")))
-                remove_leftovers(imports_dir(self.settings), set(ids))
+                remove_leftovers(imports_dir(self.settings),
+                                 {*ids, *(lock_path(Path(i)).name for i in ids)})
                 remove_leftovers(images_dir(self.settings),
                                  {convert_path(Path(), i).name for i in ids},
                                  prefix=CONVERT_PREFIX)

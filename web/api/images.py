@@ -1,8 +1,9 @@
 """/api/v1/images: register (from an http(s) URL, an uploaded body, or a controller path for
 admins), list, show, pre-warm on hosts, and the data download hosts use to fill their caches.
 
-Registration is asynchronous: the web streams the file into `<state_dir>/imports/`, checks its
-header (refusals are answered 422 at once), writes the image `importing` and sends
+Registration is asynchronous: the web streams the file into `<state_dir>/imports/` (an admin's
+raw file on the controller is linked there, not copied), checks its header (refusals are
+answered 422 at once), writes the image `importing` and sends
 TASK_INSPECT_IMAGE to the control queue; the control plane's image job (scheduler/imagejobs.py)
 runs qemu-img, converts raw to qcow2 and makes it `active` (or `error`, with the reason). The
 answer is 202 with the importing image; 201 with an active one when the very same qcow2 bytes
@@ -12,7 +13,6 @@ are already an active image (nothing left to inspect).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ from web.auth import Principal, current, login_required, require_admin
 from web.imports import (
     ImageTooLarge,
     Limits,
+    Stash,
     StoredFile,
     request_body,
-    source_chunks,
+    source_stash,
     store_stream,
 )
 
@@ -92,8 +93,8 @@ def _with_project(session, image: Image) -> Image:  # type: ignore[no-untyped-de
     return image
 
 
-def _register(who: Principal, name: str, visibility: str, source: str,
-              chunks: Iterator[bytes], declared: str | None) -> tuple[Image, int]:
+def _register(who: Principal, name: str, visibility: str, source: str, stash: Stash,
+              declared: str | None) -> tuple[Image, int]:
     """Store the bytes, write the image row, send the inspection; undo all of it on error."""
     if visibility == "public" and not who.is_admin:
         raise Conflict("only admins may publish public images")
@@ -104,8 +105,8 @@ def _register(who: Principal, name: str, visibility: str, source: str,
                                          Image.name == name)).first():
             raise Conflict(f"an image named '{name}' already exists")
     image_id = new_id()
-    stored = store_stream(chunks, _imports_dir() / image_id,
-                          Limits(settings.max_image_bytes, settings.max_virtual_bytes), declared)
+    stored = stash(_imports_dir() / image_id,
+                   Limits(settings.max_image_bytes, settings.max_virtual_bytes), declared)
     try:
         with store.session() as s:
             image = _known(s, stored) or Image(
@@ -177,9 +178,9 @@ class Images(MethodView):
         the control plane afterwards: poll the image until `status` is `active` or `error`."""
         who = current()
         source = data["source"]
-        chunks = source_chunks(source, allow_local=who.is_admin)
+        stash = source_stash(source, allow_local=who.is_admin)
         return _register(who, data["name"], data["visibility"],
-                         source if "://" in source else "local", chunks, data["disk_format"])
+                         source if "://" in source else "local", stash, data["disk_format"])
 
 
 @blp.route("/images/upload")
@@ -203,8 +204,11 @@ class ImageUpload(MethodView):
         limit = _settings().max_image_bytes
         if (request.content_length or 0) > limit:
             raise ImageTooLarge(f"the image is larger than the limit of {limit} bytes")
+        body = request_body(request.environ)
         return _register(current(), args["name"], args["visibility"], "upload",
-                         request_body(request.environ), args["disk_format"])
+                         lambda dest, limits, declared: store_stream(body, dest, limits,
+                                                                     declared),
+                         args["disk_format"])
 
 
 @blp.route("/images/<image_ref>")
