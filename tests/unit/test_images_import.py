@@ -996,3 +996,259 @@ def test_gc_removes_a_base_with_its_overlay_templates(tmp_path: Path) -> None:
     assert images.overlay_templates(base) == []
     assert sorted(p.name for p in cache.bases_dir(storage).iterdir()
                   if not p.name.endswith(".lock")) == []
+
+
+# -- an upload's body straight from gunicorn's socket, hashed and written back behind --------
+
+
+def gunicorn_body(length: int, read_ahead: bytes) -> tuple[Any, Any, Any, Any]:
+    """gunicorn's own Body over a LengthReader over a SocketUnreader of one end of a socket
+    pair, `read_ahead` already held by the unreader (as after parsing the headers)."""
+    import socket
+
+    from gunicorn.http.body import Body, LengthReader
+    from gunicorn.http.unreader import SocketUnreader
+    server, client = socket.socketpair()
+    unreader = SocketUnreader(server)
+    if read_ahead:
+        unreader.unread(read_ahead)
+    reader = LengthReader(unreader, length)
+    return Body(reader), reader, server, client
+
+
+def test_a_gunicorn_body_is_received_straight_from_the_socket() -> None:
+    body_bytes = os.urandom(3 * imports.CHUNK + 12345)
+    pipelined = b"GET /next HTTP/1.1\r\n\r\n"
+    head = body_bytes[:5000]
+    body, reader, server, client = gunicorn_body(len(body_bytes), head)
+    sender = threading.Thread(target=client.sendall, args=(body_bytes[5000:] + pipelined,))
+    try:
+        sender.start()
+        chunks = imports.request_body({"wsgi.input": body, "gunicorn.socket": server})
+        got = list(chunks)
+        sender.join()
+        assert b"".join(got) == body_bytes
+        assert got[0] == head and all(len(c) <= imports.CHUNK for c in got)
+        assert reader.length == 0 and not body.failed  # gunicorn sees the body read
+        # What came behind the body is the next request's: still there for gunicorn.
+        assert reader.unreader.read(len(pipelined)) == pipelined
+    finally:
+        server.close()
+        client.close()
+
+
+def test_read_ahead_past_a_small_body_is_given_back() -> None:
+    body, reader, server, client = gunicorn_body(10, b"0123456789NEXT")
+    try:
+        assert list(imports.request_body({"wsgi.input": body, "gunicorn.socket": server})) \
+            == [b"0123456789"]
+        assert reader.length == 0 and reader.unreader.read(4) == b"NEXT"
+    finally:
+        server.close()
+        client.close()
+
+
+def test_a_body_cut_short_is_refused_and_the_connection_marked_failed() -> None:
+    body, reader, server, client = gunicorn_body(2 * MIB, b"")
+    client.sendall(b"\1" * 1000)
+    client.close()
+    try:
+        with pytest.raises(imports.BodyCutShort):
+            list(imports.request_body({"wsgi.input": body, "gunicorn.socket": server}))
+        assert body.failed and reader.length == 2 * MIB - 1000
+    finally:
+        server.close()
+
+
+def test_other_inputs_take_the_generic_reader() -> None:
+    import io
+    body, _, server, client = gunicorn_body(3, b"abc")
+    try:
+        assert imports._socket_body({"wsgi.input": body}) is None  # no socket given
+        body.read(1)  # something read already: gunicorn's reader goes on
+        assert imports._socket_body({"wsgi.input": body, "gunicorn.socket": server}) is None
+        environ = {"wsgi.input": io.BytesIO(b"xyz"), "CONTENT_LENGTH": "3",
+                   "wsgi.input_terminated": True}
+        assert list(imports.request_body(environ)) == [b"xyz"]
+    finally:
+        server.close()
+        client.close()
+
+
+def test_the_hash_behind_matches_and_leaves_no_thread() -> None:
+    pieces = [os.urandom(n) for n in (1, 4096, imports.CHUNK, 77, imports.CHUNK)] * 5
+    before = threading.active_count()
+    h = imports.HashBehind()
+    for piece in pieces:
+        h.update(piece)
+    assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()  # asked again
+    h.close()
+    stopped = imports.HashBehind()
+    stopped.update(b"x" * 10)
+    stopped.close()  # a failed upload: stopped without a result
+    stopped.close()
+    assert threading.active_count() == before
+
+
+def test_writeback_is_asked_for_every_step_behind_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[int, int]] = []
+    real = imports.start_writeback
+
+    def record(fd: int, offset: int, length: int) -> bool:
+        asked.append((offset, length))
+        assert threading.current_thread().name == "upload-writeback"
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(imports, "start_writeback", record)
+    monkeypatch.setattr(imports, "WRITEBACK_STEP", 2 * MIB)
+    content = os.urandom(5 * MIB) + bytes(3 * MIB) + b"tail"
+    before = threading.active_count()
+    stored = store_stream((content[i:i + imports.CHUNK]
+                           for i in range(0, len(content), imports.CHUNK)),
+                          tmp_path / "imports" / "w", Limits(10**12, 10**12))
+    assert stored.path.read_bytes() == content
+    assert threading.active_count() == before
+    # Contiguous, in order, the whole file, in steps of at least WRITEBACK_STEP.
+    assert asked[0][0] == 0 and sum(n for _, n in asked) == len(content)
+    assert all(a + n == b for (a, n), (b, _) in zip(asked, asked[1:], strict=False))
+    assert all(n >= 2 * MIB for _, n in asked[:-1])
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        assert real(fd, 0, 0) is False  # nothing to write: not even asked
+    finally:
+        os.close(fd)
+
+
+def test_a_refused_upload_stops_the_threads_it_started(tmp_path: Path) -> None:
+    before = threading.active_count()
+    content = qcow2_header() + os.urandom(3 * MIB)
+    with pytest.raises(imports.ImageTooLarge):
+        store_stream(iter([content[:MIB], content[MIB:2 * MIB], content[2 * MIB:]]),
+                     tmp_path / "imports" / "big", Limits(2 * MIB, 10**12))
+    assert threading.active_count() == before
+    assert list((tmp_path / "imports").iterdir()) == []
+
+
+# -- an admin's raw file on the controller: linked, converted from where it is -----------------
+
+
+@needs_qemu_img
+def test_an_admins_raw_file_is_linked_not_copied_and_converted_from_there(
+        env: Env, tmp_path: Path) -> None:
+    raw = tmp_path / "admin" / "disk.raw"
+    raw.parent.mkdir()
+    content = sparse_disk(raw, 16 * MIB, {0: os.urandom(MIB), 9 * MIB: b"end" * 1000})
+    resp = env.call("POST", "/api/v1/images", json={"name": "linked", "source": str(raw)})
+    assert resp.status_code == 202, resp.get_json()
+    body = resp.get_json()
+    assert (body["original_format"], body["size_bytes"]) == ("raw", 16 * MIB)
+    link = env.state_dir / "imports" / body["id"]
+    assert link.is_symlink() and os.readlink(link) == str(raw.resolve())
+    env.run_jobs()
+    image = env.image(body["id"])
+    assert (image["status"], image["disk_format"]) == ("active", "qcow2"), image
+    stored = env.state_dir / "images" / image["sha256"]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == image["sha256"]
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(stored)], timeout=60)
+    assert raw.read_bytes() == content  # the admin's file as it was, where it was
+    assert list((env.state_dir / "imports").iterdir()) == []  # link and lock gone
+    assert str(raw) not in str(image)  # a controller path is never shown
+
+
+@needs_qemu_img
+def test_two_imports_of_one_file_each_get_their_own_lock(env: Env, tmp_path: Path) -> None:
+    raw = tmp_path / "shared.raw"
+    raw.write_bytes(os.urandom(MIB))
+    ids = [env.call("POST", "/api/v1/images", json={"name": n, "source": str(raw)})
+           .get_json()["id"] for n in ("one", "two")]
+    lock = imagejobs.lock_path(env.state_dir / "imports" / ids[0])
+    with lock.open("ab") as held:  # another scheduler process has the first one in hand
+        import fcntl
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert imagejobs.inspect_image(env.store, env.settings, ids[0]) is None
+        assert imagejobs.inspect_image(env.store, env.settings, ids[1]) is not None
+    assert env.image(ids[0])["status"] == "importing"
+    assert env.image(ids[1])["status"] == "active"
+    assert imagejobs.inspect_image(env.store, env.settings, ids[0]) is not None
+    assert env.image(ids[0])["sha256"] == env.image(ids[1])["sha256"]
+    assert list((env.state_dir / "imports").iterdir()) == []
+
+
+@needs_qemu_img
+def test_a_linked_file_gone_before_the_job_ends_in_error(env: Env, tmp_path: Path) -> None:
+    raw = tmp_path / "gone.raw"
+    raw.write_bytes(b"\1" * MIB)
+    image_id = env.call("POST", "/api/v1/images",
+                        json={"name": "gone", "source": str(raw)}).get_json()["id"]
+    raw.unlink()
+    env.run_jobs()
+    image = env.image(image_id)
+    assert image["status"] == "error"
+    assert "no longer on the controller" in image["status_reason"]
+    assert str(tmp_path) not in image["status_reason"]
+    assert list((env.state_dir / "imports").iterdir()) == []
+
+
+def test_a_local_source_must_be_a_regular_file_within_the_limits(tmp_path: Path) -> None:
+    dest = tmp_path / "imports" / "x"
+    for bad, message in ((str(tmp_path), "cannot be read"), (os.devnull, "regular file")):
+        with pytest.raises(imports.BadRequest, match=message):
+            imports.store_local(bad, dest, Limits(10**12, 10**12))
+    raw = tmp_path / "big.raw"
+    raw.write_bytes(b"\1" * (2 * MIB))
+    with pytest.raises(imports.ImageTooLarge):
+        imports.store_local(str(raw), dest, Limits(MIB, 10**12))
+    with pytest.raises(ImageRefused, match="above the limit"):
+        imports.store_local(str(raw), dest, Limits(10**12, MIB))
+    with pytest.raises(ImageRefused, match="not qcow2 as declared"):
+        imports.store_local(str(raw), dest, Limits(10**12, 10**12), "qcow2")
+    with pytest.raises(imports.BadRequest, match="absolute"):
+        imports.store_local("big.raw", dest, Limits(10**12, 10**12))
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
+
+
+def test_a_local_qcow2_is_copied_with_its_sha256(tmp_path: Path) -> None:
+    src = tmp_path / "q.qcow2"
+    content = qcow2_header() + os.urandom(MIB)
+    src.write_bytes(content)
+    stored = imports.store_local(str(src), tmp_path / "imports" / "q", Limits(10**12, 10**12))
+    assert not stored.path.is_symlink() and stored.path.read_bytes() == content
+    assert (stored.disk_format, stored.sha256) == ("qcow2", hashlib.sha256(content).hexdigest())
+
+
+@needs_qemu_img
+def test_the_job_names_a_file_durably(env: Env, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    real = imagejobs.sync_dir
+
+    def record(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(imagejobs, "sync_dir", record)
+    img = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "16M")
+    qcow2_id = env.upload("q", img).get_json()["id"]
+    raw_id = env.upload("r", b"\3" * MIB).get_json()["id"]
+    env.run_jobs()
+    assert synced == [env.state_dir / "images"] * 2
+    with env.store.sessions() as s:
+        timings = {ev.data["image_id"]: set(ev.data["timings"]) for ev in
+                   s.scalars(select(Event).where(Event.type == c.EV_IMAGE_ACTIVE))}
+    assert timings[qcow2_id] == {"inspect_s", "sync_s", "publish_s"}
+    assert timings[raw_id] == {"inspect_s", "convert_s", "hash_s", "publish_s"}
+
+
+def test_an_old_dangling_link_in_imports_is_a_leftover(env: Env, tmp_path: Path) -> None:
+    imports_dir = env.state_dir / "imports"
+    imports_dir.mkdir()
+    (imports_dir / "dangling").symlink_to(tmp_path / "nowhere")
+    (imports_dir / ".busy.lock").write_bytes(b"")
+    old = time.time() - 2 * 86400
+    for name in ("dangling", ".busy.lock"):
+        os.utime(imports_dir / name, (old, old), follow_symlinks=False)
+    assert imagejobs.remove_leftovers(imports_dir, {".busy.lock"}) == ["dangling"]
+    assert [p.name for p in imports_dir.iterdir()] == [".busy.lock"]
