@@ -149,3 +149,79 @@ def test_render_shows_every_figure_and_verdict() -> None:
     assert "per run, all but define + start" in text
     for _key, label, *_ in submit.STAGES:
         assert label in text
+
+
+# -- bench images: the import part's pure helpers and its file helpers -----------------------
+
+
+def _import_case(ratio_plain: float) -> dict:
+    from bench import images
+    imports = [{"total": 1.0, "upload": 0.9, "job": 0.1, "job_inspect": 0.01,
+                "job_sync": 0.02, "job_publish": 0.0, "job_seen": 0.003,
+                "job_dispatch": 0.002, "job_other": 0.065} for _ in range(3)]
+    return images.import_case("a case", "qcow2", True, 1024 ** 3,
+                              [(0.5, ratio_plain)] * 3, imports)
+
+
+def test_bench_images_import_case_figures_and_verdict() -> None:
+    case = _import_case(0.95)
+    assert case["p50_s_plain_convert"] == 0.95 and case["p50_s_import"] == 1.0
+    assert case["p50_s_plain_convert_unsynced"] == 0.5
+    assert case["ratio"] == 0.95 and case["verdict"] == "PASS"
+    assert case["job_only_ratio"] == 9.5
+    assert _import_case(0.5)["verdict"] == "FAIL"
+
+
+def test_bench_images_render_shows_every_import_case() -> None:
+    from bench import images
+    cases = {"qcow2_upload": _import_case(0.95), "raw_upload": _import_case(0.3)}
+    cases["raw_upload"].update(label="sparse raw disk, uploaded", format="raw")
+    report = {
+        "scaling": {"runs": 1, "load": [0, 0], "p50_ms_1gib": 1, "min_ms_1gib": 1,
+                    "p50_ms_1tib": 1, "min_ms_1tib": 1, "ratio": 1, "target_max": 1.1,
+                    "verdict": "PASS", "first_ms": [1, 1]},
+        "copy": {"base_bytes": 1, "copy_runs": 1, "load": [0, 0], "p50_s_full_copy": 1,
+                 "min_s_full_copy": 1, "p50_ms_overlay_seed": 1, "min_ms_overlay_seed": 1,
+                 "ratio": 100, "target_min": 100, "verdict": "PASS", "best_ratio": 100},
+        "import": {"runs": 3, "load": [1.0, 2.0], "raw_bytes": 4 << 30, "data_bytes": 1 << 30,
+                   "qcow2_bytes": 1 << 30, "cases": cases, "target_min": 0.9,
+                   "verdict": "FAIL"},
+    }
+    text = images.render(report)
+    assert "[qcow2_upload] a case" in text and "[raw_upload] sparse raw disk" in text
+    assert "0.950" in text and "0.300" in text
+    assert "met by: qcow2_upload; missed by: raw_upload (0.300)   FAIL" in text
+    assert "fsync (what the upload's writeback left)" in text
+    assert json.loads(json.dumps(report)) == report
+
+
+@pytest.mark.skipif(__import__("shutil").which("qemu-img") is None, reason="needs qemu-img")
+def test_bench_images_stamp_and_the_durable_plain_convert(tmp_path) -> None:
+    from bench import images
+    from fleet.proc import run
+    raw, qcow2, out = tmp_path / "d.raw", tmp_path / "d.qcow2", tmp_path / "o.qcow2"
+    images.make_disk(raw, 32 * 1024 ** 2, 4 * 1024 ** 2)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], timeout=60)
+    before = qcow2.read_bytes()
+    images.stamp(qcow2, "qcow2", 1)
+    images.stamp(raw, "raw", 1)
+    after = qcow2.read_bytes()
+    assert after != before and len(after) == len(before)
+    run(["qemu-img", "check", "-f", "qcow2", str(qcow2)], timeout=60)
+    # The same 16 bytes land at the disk's offset 16 in both: the two still hold one disk.
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(qcow2)], timeout=60)
+    convert, total = images.plain_convert(qcow2, "qcow2", out)
+    assert 0 < convert <= total
+    run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(qcow2), str(out)],
+        timeout=60)
+
+
+def test_bench_images_quiet_can_drop_the_stores_files(tmp_path) -> None:
+    from bench import images
+    (tmp_path / "imports").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / ("ab" * 32)).write_bytes(b"x")
+    images.quiet(tmp_path)
+    assert (tmp_path / "images" / ("ab" * 32)).exists()
+    images.quiet(tmp_path, drop_images=True)
+    assert list((tmp_path / "images").iterdir()) == []
