@@ -1,7 +1,8 @@
 """The web's half of an image import: bytes in, format pinned from the header, nothing run.
 
-Owns streaming an image into `<state_dir>/imports/<image id>` — an upload's body (read from
-the WSGI input as the server hands it over: no form parsing, no extra copy), an http(s) URL
+Owns streaming an image into `<state_dir>/imports/<image id>` — an upload's body (under
+gunicorn received straight from the socket into the chunks; elsewhere read from the WSGI
+input as the server hands it over: no form parsing, no extra copy), an http(s) URL
 fetched through fleet.download (http(s) only; loopback, link-local and metadata addresses
 refused, every redirect checked again), or, for admins, a qcow2 file on the controller (its
 holes are not read) — in chunks, never whole in memory, size-limited, all-zero blocks left as
