@@ -41,12 +41,14 @@ def keep_freed_memory() -> bool:
     """Let glibc keep up to TRIM_THRESHOLD of freed memory at the top of each heap (and
     serve blocks below MMAP_THRESHOLD from the heap) instead of giving it back at once.
 
-    An upload goes through gunicorn's body reader, which makes new buffers of about a MiB
-    for every piece it reads. By default glibc hands such memory back to the kernel as soon
-    as a thread's heap has a few MiB free at its top (madvise) and faults it in again, page
-    by page, for the next piece: that cost three to four times all the rest of the upload
-    (13 s against 3 s of CPU for a 4 GiB disk on the test machine). At most TRIM_THRESHOLD
-    per arena stays with the process. Returns whether it could be set (glibc only)."""
+    An upload makes a new buffer of up to 512 KiB for every piece it receives (web/imports.py
+    receives a body of declared length straight from the socket; a chunked one goes through
+    gunicorn's body reader, which makes buffers of about a MiB). By default glibc hands such
+    memory back to the kernel as soon as a thread's heap has a few MiB free at its top
+    (madvise) and faults it in again, page by page, for the next piece: through gunicorn's
+    reader that cost three to four times all the rest of the upload (13 s against 3 s of CPU
+    for a 4 GiB disk on the test machine). At most TRIM_THRESHOLD per arena stays with the
+    process. Returns whether it could be set (glibc only)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
