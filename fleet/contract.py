@@ -70,6 +70,9 @@ READY_MARKER on the serial console); data: boot_seconds (domain start -> marker)
 EV_GUEST_FAILED = "vm.guest.failed"
 """cloud-init finished in the guest with errors; data: reason (the guest's own messages,
 joined), result (as for EV_VM_READY)."""
+EV_READY_TIMEOUT = "vm.ready.timeout"
+"""No ready line came within `ready_timeout` seconds of the domain's start: the host stopped
+watching the console. The VM stays `running`; data: seconds (the timeout)."""
 READY_MARKER = "virtfleet-ready: "
 """Start of the one line the ready part of the user-data prints on the serial console when
 cloud-init has finished, followed by one line of JSON: the contents of cloud-init's

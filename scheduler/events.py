@@ -486,6 +486,22 @@ def on_guest_failed(session: Session, event: dict[str, Any],
     return []
 
 
+def on_ready_timeout(session: Session, event: dict[str, Any],
+                     settings: Settings) -> list[Outgoing]:
+    """No ready line within ready_timeout: the VM stays `running`, and says why it is not
+    `ready` (its state_reason). Ignored as vm.ready is."""
+    vm = session.get(VM, event["vm_id"])
+    if vm is None or vm.state != "running" or not _from_its_host(vm, event):
+        return []
+    seconds = event["data"].get("seconds")
+    within = f" within {seconds:g} s" if isinstance(seconds, int | float) \
+        and not isinstance(seconds, bool) else ""
+    transition(session, vm.id, ("running",), "running",
+               reason=f"cloud-init printed no ready line on the serial console{within} of "
+                      "the start: the image may lack cloud-init or a console on ttyS0")
+    return []
+
+
 HANDLERS = {
     c.EV_HEARTBEAT: on_heartbeat,
     c.EV_BUILD_STEP: on_build_step,
@@ -499,6 +515,7 @@ HANDLERS = {
     c.EV_ADDRESSES: on_addresses,
     c.EV_VM_READY: on_vm_ready,
     c.EV_GUEST_FAILED: on_guest_failed,
+    c.EV_READY_TIMEOUT: on_ready_timeout,
 }
 
 

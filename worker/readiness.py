@@ -26,8 +26,9 @@ watching VMs that had not printed the line yet (:meth:`ReadyWatcher.resume`).
 
 A watch ends at the first marker line, when the VM is deleted or rebuilt
 (:meth:`ReadyWatcher.unwatch`, :meth:`ReadyWatcher.prepare`), or ``ready_timeout`` seconds
-after the start (0: never), which is only logged: a guest without the ready part (an image
-without cloud-init) simply stays ``running``.
+after the start (0: never): then it sends EV_READY_TIMEOUT (recorded like an outcome), and the
+control plane leaves the VM ``running`` with a reason (an image without cloud-init, or without
+a console on ttyS0).
 
 Must not: talk to libvirt (the caller says which domains run), connect to guests, or open
 the store.
@@ -229,12 +230,9 @@ class ReadyWatcher:
             if outcome is not None:
                 self._finish(w, outcome)
             elif w.deadline is not None and self.clock() >= w.deadline:
-                with self._lock:
-                    if self._watches.get(w.vm_id) is not w:
-                        continue
-                    del self._watches[w.vm_id]
                 log.warning("VM %s printed no ready line within %g s of its start; "
                             "no longer watching its console", w.vm_id, self.timeout)
+                self._finish(w, None)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -297,10 +295,13 @@ class ReadyWatcher:
                             seen_at)
         return _Outcome(bool(ok), str(reason or ""), result, seen_at)
 
-    def _finish(self, w: _Watch, outcome: _Outcome) -> None:
-        if outcome.ok:
-            data: dict[str, Any] = {"type": c.EV_VM_READY, "result": outcome.result,
-                                    "boot_seconds": None}
+    def _finish(self, w: _Watch, outcome: _Outcome | None) -> None:
+        """Stop watching `w` with its outcome (None: the deadline passed), recorded in its
+        ready.json (a restarted worker does not watch it again) and sent."""
+        if outcome is None:
+            data: dict[str, Any] = {"type": c.EV_READY_TIMEOUT, "seconds": self.timeout}
+        elif outcome.ok:
+            data = {"type": c.EV_VM_READY, "result": outcome.result, "boot_seconds": None}
             if w.started is not None:
                 data["boot_seconds"] = round(max(0.0, outcome.seen_at - w.started), 3)
         else:
@@ -317,8 +318,9 @@ class ReadyWatcher:
                     _write_state(w.state, state)
                 except OSError as exc:
                     log.warning("outcome of VM %s not recorded: %s", w.vm_id, exc)
-        log.info("VM %s: %s", w.vm_id, "ready" if outcome.ok
-                 else f"cloud-init failed ({outcome.reason})")
+        if outcome is not None:
+            log.info("VM %s: %s", w.vm_id, "ready" if outcome.ok
+                     else f"cloud-init failed ({outcome.reason})")
         self._send(w.vm_id, data)
 
     def _send(self, vm_id: str, data: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ class Host:
 
     def __init__(self, tmp_path: Path, timeout: float = 900.0) -> None:
         self.vm_id = str(uuid.uuid4())
+        self.storage = tmp_path
         self.paths = instance_paths(tmp_path, self.vm_id)
         self.paths.dir.mkdir(parents=True)
         self.clock = Clock()
@@ -131,21 +132,33 @@ def test_a_garbled_ready_line_is_a_guest_failure(host: Host) -> None:
     assert type_ == c.EV_GUEST_FAILED and "cannot be read" in data["reason"]
 
 
-def test_the_timeout_stops_watching_and_logs(host: Host, caplog: pytest.LogCaptureFixture
-                                            ) -> None:
+def test_the_timeout_stops_watching_logs_and_says_so(host: Host,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     host.start()
     host.write("booting forever\n")
     host.clock.now += 899
     host.watcher.poll()
-    assert host.watcher.watching() == {host.vm_id}
+    assert host.watcher.watching() == {host.vm_id} and host.events == []
     host.clock.now += 2
     with caplog.at_level(logging.WARNING, logger="worker.readiness"):
         host.watcher.poll()
-    assert host.watcher.watching() == set() and host.events == []
+    assert host.watcher.watching() == set()
+    assert host.events == [(c.EV_READY_TIMEOUT, {"vm_id": host.vm_id, "seconds": 900.0})]
     assert "no ready line within 900 s" in caplog.text
-    host.write(ready_line())
+    host.write(ready_line())  # too late: no longer watched
     host.watcher.poll()
-    assert host.events == []
+    assert len(host.events) == 1
+
+
+def test_a_restarted_worker_does_not_watch_a_timed_out_vm_again(host: Host) -> None:
+    host.start()
+    host.clock.now += 901
+    host.watcher.poll()
+    again = ReadyWatcher(host.emit, host.storage, timeout=900.0, parse=fake_parse,
+                         clock=host.clock)
+    again.resume([host.vm_id])  # the outcome is in ready.json: said again, not watched
+    assert again.watching() == set()
+    assert [t for t, _ in host.events] == [c.EV_READY_TIMEOUT, c.EV_READY_TIMEOUT]
 
 
 def test_a_marker_already_there_at_the_deadline_still_counts(host: Host) -> None:

@@ -1,8 +1,9 @@
 """The guest's first boot as the control plane sees it: vm.ready (running -> ready, ready_at,
-boot seconds) and vm.guest.failed (-> error with the guest's reason), ignored unless the VM
-is running on the host that reports; a VM that finished its first boot comes back `ready`
-after a stop/start, a reboot or its host's silence, a rebuild starts a new first boot; and
-the build's step timings, through the REST API (test_actions_api's env)."""
+boot seconds), vm.guest.failed (-> error with the guest's reason) and vm.ready.timeout (stays
+running, with a reason), ignored unless the VM is running on the host that reports; a VM
+that finished its first boot comes back `ready` after a stop/start, a reboot or its host's
+silence, a rebuild starts a new first boot; and the build's step timings, through the REST
+API (test_actions_api's env)."""
 # ruff: noqa: F811 - the `env` fixture is imported from test_actions_api
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def test_guest_failure_is_an_error_with_the_guests_reason(env: Env) -> None:
     assert (vm["state"], vm["failed_step"], vm["ready_at"]) == ("error", "cloud-init", None)
     assert "command not found: htop" in vm["state_reason"]
     assert vm["timings"][-1]["failed"] is True
+
+
+def test_ready_timeout_keeps_running_and_says_why(env: Env) -> None:
+    vm_id, _job = build(env)
+    env.apply(c.EV_READY_TIMEOUT, vm_id, seconds=900.0)
+    vm = env.vm(vm_id)
+    assert (vm["state"], vm["ready_at"], vm["failed_step"]) == ("running", None, "")
+    assert "no ready line on the serial console within 900 s" in vm["state_reason"]
+    assert vm["timings"][-1]["seconds"] is None  # the boot never reported its end
+    env.apply(c.EV_READY_TIMEOUT, vm_id, seconds=900.0, host="elsewhere")  # not its host
+    ready(env, vm_id)  # a ready line reported after all: ready, the reason cleared
+    vm = env.vm(vm_id)
+    assert (vm["state"], vm["state_reason"]) == ("ready", "")
 
 
 def test_ready_and_failed_are_ignored_unless_running_on_the_reporting_host(env: Env) -> None:

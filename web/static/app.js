@@ -194,7 +194,8 @@
     const stateCell = el("td", { class: "state" }, [stateBadge(vm.state, vm.steps)]);
     const timings = timingsLine(vm);
     if (timings) stateCell.appendChild(timings);
-    if ((vm.state === "error" || vm.state === "unknown") && (vm.state_reason || vm.failed_step)) {
+    // Why it failed, why its host lost it, or (running) why it is not `ready`.
+    if (["error", "unknown", "running"].includes(vm.state) && (vm.state_reason || vm.failed_step)) {
       const reason = vm.failed_step
         ? `${vm.failed_step}: ${vm.state_reason || "failed"}` : vm.state_reason;
       stateCell.appendChild(el("span", { class: "reason", text: reason }));
