@@ -509,15 +509,19 @@ def _recv_body(body: Any, reader: Any, unreader: Any, sock: Any) -> Iterator[byt
         yield buf  # a new buffer each time: never written again once given
 
 
-def _local(path: str) -> Iterator[bytes]:
+def _open_local(path: str) -> IO[bytes]:
+    """An absolute path on the controller, opened unbuffered (messages safe to show)."""
     p = Path(path)
     if not p.is_absolute():
         raise BadRequest("a local image source must be an absolute path")
     try:
-        fh = p.open("rb", buffering=0)
+        return p.open("rb", buffering=0)
     except OSError:
         raise BadRequest("the local image source cannot be read") from None
-    with fh:
+
+
+def _local(path: str) -> Iterator[bytes]:
+    with _open_local(path) as fh:
         yield from _sparse_read(fh)
 
 
@@ -532,13 +536,7 @@ def store_local(path: str, dest: Path, limits: Limits,
     the import ends in error, or holds the bytes read then). Same header check and limits as
     an upload."""
     p = Path(path)
-    if not p.is_absolute():
-        raise BadRequest("a local image source must be an absolute path")
-    try:
-        fh = p.open("rb", buffering=0)
-    except OSError:
-        raise BadRequest("the local image source cannot be read") from None
-    with fh:
+    with _open_local(path) as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise BadRequest("a local image source must be a regular file")
