@@ -33,6 +33,9 @@ snapshot_revert, snapshot_delete, rebuild); payload: ActionPayload. Idempotent, 
 TASK_PREWARM_IMAGE = "virtfleet.worker.prewarm_image"
 """Bring a base image into the host's cache ahead of builds; payload: {"image": ImageRef}."""
 
+TASK_REMOVE_NETWORK = "virtfleet.worker.remove_network"
+"""A fleet network was deleted: the host removes its libvirt network `vf-<name>` unless a
+domain of the host still uses it; payload: {name}. Idempotent."""
 TASK_INSPECT_IMAGE = "virtfleet.scheduler.inspect_image"
 """Control plane: inspect (and convert) an imported image file; payload: {"image_id": id}."""
 

@@ -22,6 +22,7 @@ class Dispatcher(Protocol):
     def console_log(self, host: str, vm_id: str, max_bytes: int) -> str: ...
     def inspect_image(self, image_id: str) -> None: ...
     def prewarm(self, host: str, payload: dict[str, Any]) -> None: ...
+    def remove_network(self, host: str, payload: dict[str, Any]) -> None: ...
     def console_info(self, host: str, vm_id: str) -> dict[str, Any]: ...
 
 
@@ -48,6 +49,9 @@ class CeleryDispatcher:
 
     def prewarm(self, host: str, payload: dict[str, Any]) -> None:
         self._send(c.TASK_PREWARM_IMAGE, payload, c.host_queue(host))
+
+    def remove_network(self, host: str, payload: dict[str, Any]) -> None:
+        self._send(c.TASK_REMOVE_NETWORK, payload, c.host_queue(host))
 
     def _rpc(self, host: str, task: str, *args: Any) -> Any:
         """Ask the host and wait (10 s at most) for its answer."""

@@ -6,7 +6,9 @@ never string formatting), the bridge name a nat/isolated network gets on every h
 (:func:`bridge_name`), reading an existing definition back (:func:`describe`), and
 :func:`ensure_network`, which is idempotent, safe when two builds (in this worker or in
 another process on the same libvirtd) race to create the same network, and refuses to use
-an existing libvirt network of that name that says something else.
+an existing libvirt network of that name that says something else; and
+:func:`remove_fleet_network`, which removes it once its fleet network is deleted, unless a
+domain of the host still uses it.
 
 The three modes:
 
@@ -208,3 +210,25 @@ def ensure_network(virt: Virt, spec: NetworkSpec | Mapping[str, Any]) -> str:
     except VirtError as exc:
         raise BuildError("define", f"define failed: {scrub(str(exc))}") from exc
     return name
+
+
+def remove_fleet_network(virt: Virt, fleet_name: str) -> str:
+    """Remove this host's libvirt network of a deleted fleet network, unless one of the
+    host's domains still has an interface on it (then it is kept and said so). Returns what
+    happened: ``removed``, ``absent`` or ``kept: used by <domains>``."""
+    name = network_libvirt_name(fleet_name)
+    try:
+        with _lock(name):
+            if virt.network_state(name) is None:
+                return "absent"
+            users = virt.domains_on_network(name)
+            if users:
+                log.warning("libvirt network %s (deleted fleet network %s) is kept: domains "
+                            "%s still use it", name, fleet_name, ", ".join(users))
+                return "kept: used by " + ", ".join(users)
+            virt.remove_network(name)
+    except VirtError as exc:
+        log.warning("libvirt network %s could not be removed: %s", name, exc)
+        return f"failed: {scrub(str(exc))}"
+    log.info("libvirt network %s (deleted fleet network %s) removed", name, fleet_name)
+    return "removed"

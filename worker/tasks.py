@@ -13,7 +13,7 @@ from celery import Celery
 
 from fleet import contract as c
 from fleet.exceptions import BuildError
-from worker import actions, build, cache
+from worker import actions, build, cache, networks
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ def register(app: Celery, ctx: build.HostContext,
                      sha256=image.get("sha256", ""), reason=build.scrub(str(exc)))
             return
         ctx.emit(c.EV_IMAGE_CACHED, image_id=image.get("id", ""), sha256=image["sha256"])
+
+    @app.task(name=c.TASK_REMOVE_NETWORK, acks_late=True, ignore_result=True)
+    def remove_network(payload: dict[str, Any]) -> None:
+        networks.remove_fleet_network(ctx.virt, str(payload["name"]))
 
     @app.task(name=c.TASK_VM_ACTION, acks_late=True, ignore_result=True)
     def vm_action(payload: dict[str, Any]) -> None:

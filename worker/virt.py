@@ -267,6 +267,24 @@ class Virt:
                     raise
         return True
 
+    def domains_on_network(self, name: str) -> list[str]:
+        """Names of the domains (running or not) with an interface on libvirt network
+        ``name``, from their persistent definitions."""
+        conn = self._connection()
+        with _errors("list domains"):
+            doms = conn.listAllDomains(0)
+        out = []
+        for dom in doms:
+            try:
+                root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                dom_name = str(dom.name())
+            except libvirt.libvirtError:
+                continue  # vanished while listing
+            if any(src.get("network") == name
+                   for src in root.findall("./devices/interface[@type='network']/source")):
+                out.append(dom_name)
+        return sorted(out)
+
     # -- domains ------------------------------------------------------------------
 
     def define_and_start(self, xml: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from bench.cluster import Cluster, free_cidr
 from bench.ready import openssh_ed25519
+from fleet.contract import network_libvirt_name
 from worker.virt import Virt
 
 pytestmark = pytest.mark.e2e
@@ -123,3 +124,10 @@ def test_debian_cloud_vm_with_keypair_cloud_config_and_static_address(
     net = api.get(f"/networks/{net_name}").json()
     assert net["static_held"] == 0 and net["vms"] == 0, net
     assert api.delete(f"/networks/{net_name}").status_code in (200, 204)
+    # ... and the host removes its libvirt network (no domain uses it any more).
+    lv = network_libvirt_name(net_name)
+    deadline = time.monotonic() + 60
+    with Virt("qemu:///system") as virt:
+        while virt.network_state(lv) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert virt.network_state(lv) is None, "the host kept the deleted fleet network"

@@ -46,6 +46,9 @@ class Recorder:
     def action(self, host: str, payload: dict[str, Any]) -> None:
         self._send("action", host, payload)
 
+    def remove_network(self, host: str, payload: dict[str, Any]) -> None:
+        self._send("remove_network", host, payload)
+
     def actions(self) -> list[dict[str, Any]]:
         return [p for kind, _h, p in self.calls if kind == "action"]
 

@@ -215,7 +215,13 @@ def test_a_network_in_use_cannot_be_deleted(env: Env) -> None:
     assert env.call("GET", "/networks/lab").get_json()["vms"] == 1
     env.call("DELETE", f"/vms/{vm['id']}")
     env.apply(c.EV_DELETED, vm["id"], state="deleted")
+    assert not [call for call in env.dispatcher.calls if call[0] == "remove_network"]
     assert env.call("DELETE", "/networks/lab", who="root").status_code == 204
+    # every registered host is asked to remove its libvirt network (it may have realised it)
+    with env.store.sessions() as s:
+        hosts = sorted(s.scalars(select(Host.name)))
+    assert hosts and [(h, p) for kind, h, p in env.dispatcher.calls
+                      if kind == "remove_network"] == [(h, {"name": "lab"}) for h in hosts]
 
 
 # -- VMs with keypairs and networks ---------------------------------------------------------

@@ -1,7 +1,8 @@
 """Fleet networks on a host: the libvirt network XML of each mode (golden files and parsed
 checks), and ensure_network against libvirt's test:///default driver — first use,
 idempotence, two builds racing (in this process and across connections), and a mismatching
-network that is refused, not redefined. Every network a test makes is removed."""
+network that is refused, not redefined; remove_fleet_network once the fleet network is
+deleted (kept while a domain uses it). Every network and domain a test makes is removed."""
 
 from __future__ import annotations
 
@@ -260,3 +261,39 @@ def test_a_libvirt_failure_is_a_define_step_failure(virt: Virt, net_name: str) -
 def test_module_lock_is_per_network() -> None:
     assert networks._lock("vf-a") is networks._lock("vf-a")
     assert networks._lock("vf-a") is not networks._lock("vf-b")
+
+
+# -- remove_fleet_network on libvirt's test driver -----------------------------------------
+
+
+def _domain_on(network: str, name: str) -> str:
+    """A minimal domain with one interface on libvirt network `network`."""
+    root = ET.Element("domain", type="test")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "memory", unit="KiB").text = "65536"
+    os_ = ET.SubElement(root, "os")
+    ET.SubElement(os_, "type").text = "hvm"
+    devices = ET.SubElement(root, "devices")
+    nic = ET.SubElement(devices, "interface", type="network")
+    ET.SubElement(nic, "source", network=network)
+    return ET.tostring(root, encoding="unicode")
+
+
+def test_remove_after_the_fleet_network_is_deleted(virt: Virt, net_name: str) -> None:
+    import libvirt
+    lv = ensure_network(virt, spec(net_name))
+    conn = libvirt.open(TEST_URI)
+    dom = conn.defineXML(_domain_on(lv, f"{net_name}-vm"))
+    try:
+        assert virt.domains_on_network(lv) == [f"{net_name}-vm"]
+        # a domain of this host still uses it: kept, and said so
+        assert networks.remove_fleet_network(virt, net_name) == f"kept: used by {net_name}-vm"
+        assert virt.network_state(lv) is not None
+    finally:
+        dom.undefine()
+        conn.close()
+    assert virt.domains_on_network(lv) == []
+    assert networks.remove_fleet_network(virt, net_name) == "removed"
+    assert virt.network_state(lv) is None and lv not in virt.network_names()
+    assert networks.remove_fleet_network(virt, net_name) == "absent"  # said twice: nothing
+    assert virt.network_state("default") is not None  # other networks untouched

@@ -8,6 +8,7 @@ fleet.networks; which VM holds which static address in scheduler.ipam.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import Any
 
 from flask import current_app
@@ -19,10 +20,12 @@ from sqlalchemy.orm import Session
 
 from fleet import networks
 from fleet.exceptions import Conflict, NotFound
-from fleet.store.models import VM, Network
+from fleet.store.models import VM, Host, Network
 from scheduler import ipam
 from web.api.schemas import NetworkCreateSchema, NetworkSchema
 from web.auth import login_required, require_admin
+
+log = logging.getLogger(__name__)
 
 blp = Blueprint("networks", __name__, description="Fleet networks and their addresses")
 
@@ -107,7 +110,7 @@ class NetworkByRef(MethodView):
     @blp.response(204)
     @blp.alt_response(409, description="VMs still use it")
     def delete(self, ref: str):  # type: ignore[no-untyped-def]
-        """Delete a network no VM uses (admin)."""
+        """Delete a network no VM uses (admin); every host removes its libvirt network."""
         require_admin()
         with current_app.extensions["virtfleet.store"].session() as s:
             net = find_network(s, ref)
@@ -123,3 +126,13 @@ class NetworkByRef(MethodView):
                 s.flush()
             except IntegrityError:
                 raise Conflict(f"network '{net.name}' is still in use") from None
+            name = net.name
+            hosts = list(s.scalars(select(Host.name).order_by(Host.name)))
+        # Every host that may have realised it removes its libvirt network (a host that never
+        # did finds nothing to do; one that is down gets it from its queue when it is back).
+        dispatcher = current_app.extensions["virtfleet.dispatcher"]
+        for host in hosts:
+            try:
+                dispatcher.remove_network(host, {"name": name})
+            except Exception:  # noqa: BLE001 - the network is deleted; the host keeps a leftover
+                log.exception("could not ask host %s to remove network %s", host, name)
