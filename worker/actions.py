@@ -5,7 +5,10 @@ Owns how each action is done with libvirt and qemu-img, and what it reports: one
 ``vm.action.done`` (with the domain's state after it) or one ``vm.action.failed`` (with the
 reason and the state the domain is left in) per message. Each action re-checks the world
 first, so a redelivered message (acks_late) does no harm: starting a running domain, stopping
-a stopped one or deleting a deleted snapshot is success.
+a stopped one or deleting a deleted snapshot is success; and the outcome of each job is kept
+in the instance directory (``actions.json``) before it is reported, so a message delivered
+again after its action was done (the worker stopped before acknowledging it) is answered
+with that outcome instead of being done twice (a reboot that reboots once).
 
 Snapshots are libvirt *internal* snapshots of the qcow2 overlay: of a running domain a full
 checkpoint (disk and memory, QEMU's savevm; reverting brings the guest back running where it
@@ -19,11 +22,14 @@ the store.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fleet import contract as c
@@ -85,8 +91,64 @@ def observed_state(ctx: build.HostContext, vm_id: str) -> str:
     return state
 
 
+DONE_FILE = "actions.json"
+"""In the instance directory: the outcome of the VM's last DONE_KEPT action jobs."""
+
+DONE_KEPT = 32
+
+
+def _done_path(ctx: build.HostContext, vm_id: str) -> Path | None:
+    try:
+        return instance_paths(ctx.host.storage_dir, vm_id).dir / DONE_FILE
+    except ValueError:
+        return None  # not a VM id: nothing of it on this host
+
+
+def _outcome_of(ctx: build.HostContext, vm_id: str, job_id: str) -> dict[str, Any] | None:
+    """The recorded outcome of job `job_id` on this VM, if it was done here already."""
+    path = _done_path(ctx, vm_id)
+    try:
+        done = json.loads(path.read_text()) if path is not None else []
+    except (OSError, ValueError):
+        return None
+    for entry in done if isinstance(done, list) else []:
+        if isinstance(entry, dict) and entry.get("job_id") == job_id:
+            return entry
+    return None
+
+
+def _record(ctx: build.HostContext, vm_id: str, job_id: str, type_: str,
+            data: dict[str, Any]) -> None:
+    """Keep the outcome of a job (before it is reported): a message delivered again (the
+    worker stopped between the action and its acknowledgement) is answered from here, not
+    done twice. Only for a VM whose instance directory is on this host."""
+    path = _done_path(ctx, vm_id)
+    if path is None or not path.parent.is_dir():
+        return
+    try:
+        done = json.loads(path.read_text()) if path.exists() else []
+    except (OSError, ValueError):
+        done = []
+    done = [e for e in done if isinstance(e, dict)][-(DONE_KEPT - 1):]
+    done.append({"job_id": job_id, "type": type_, "data": data})
+    tmp = path.with_name(f".{DONE_FILE}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps(done))
+        os.replace(tmp, path)
+    except (OSError, TypeError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("outcome of job %s on VM %s not recorded: %s", job_id, vm_id, exc)
+
+
+def _report(ctx: build.HostContext, vm_id: str, job_id: str, type_: str,
+            **data: Any) -> None:
+    _record(ctx, vm_id, job_id, type_, data)
+    ctx.emit(type_, vm_id=vm_id, job_id=job_id, **data)
+
+
 def run(ctx: build.HostContext, payload: dict[str, Any]) -> None:
-    """Do the action in ``payload`` (an ActionPayload) and report it as one event."""
+    """Do the action in ``payload`` (an ActionPayload) and report it as one event; a job
+    done here already (its message delivered again) is reported again, not done again."""
     vm_id, job_id = payload["vm_id"], payload["job_id"]
     action, args = payload.get("action", ""), dict(payload.get("args") or {})
     handler = HANDLERS.get(action)
@@ -94,6 +156,12 @@ def run(ctx: build.HostContext, payload: dict[str, Any]) -> None:
         ctx.emit(c.EV_ACTION_FAILED, vm_id=vm_id, job_id=job_id, action=action,
                  reason=f"this host does not know the action {action!r}",
                  state=observed_state(ctx, vm_id))
+        return
+    done = _outcome_of(ctx, vm_id, job_id)
+    if done is not None:
+        log.info("%s of %s (job %s) was done already: its outcome is sent again", action,
+                 vm_id, job_id)
+        ctx.emit(str(done["type"]), vm_id=vm_id, job_id=job_id, **dict(done.get("data") or {}))
         return
     ctx.emit(c.EV_BUILD_STEP, vm_id=vm_id, job_id=job_id, step=action)
     started = time.monotonic()
@@ -111,13 +179,13 @@ def run(ctx: build.HostContext, payload: dict[str, Any]) -> None:
         if not isinstance(exc, ActionError):
             log.exception("%s of %s failed", action, vm_id)
         reason = build.scrub(f"{action} failed: {exc}")
-        ctx.emit(c.EV_ACTION_FAILED, vm_id=vm_id, job_id=job_id, action=action, reason=reason,
-                 state=observed_state(ctx, vm_id),
-                 seconds=round(time.monotonic() - started, 3), **data)
+        _report(ctx, vm_id, job_id, c.EV_ACTION_FAILED, action=action, reason=reason,
+                state=observed_state(ctx, vm_id),
+                seconds=round(time.monotonic() - started, 3), **data)
         return
-    ctx.emit(c.EV_ACTION_DONE, vm_id=vm_id, job_id=job_id, action=action,
-             state=observed_state(ctx, vm_id), seconds=round(time.monotonic() - started, 3),
-             **extra)
+    _report(ctx, vm_id, job_id, c.EV_ACTION_DONE, action=action,
+            state=observed_state(ctx, vm_id), seconds=round(time.monotonic() - started, 3),
+            **extra)
 
 
 # -- power --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The host side of actions without QEMU: snapshot and resize XML, the clean power-off with
 its forced fallback (a fake clock), every action through `run` against libvirt's
-test:///default driver (events checked), and the address reporter (a fake libvirt)."""
+test:///default driver (events checked; a job delivered again is answered, not done twice),
+and the address reporter (a fake libvirt)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fleet import contract as c
 from worker import actions
 from worker.addresses import AGENT_RETRY, AddressReporter
 from worker.build import HostContext
-from worker.domain import HostSettings, design, to_xml
+from worker.domain import HostSettings, design, instance_paths, to_xml
 from worker.virt import Virt, VirtError
 
 TEST_URI = "test:///default"
@@ -151,12 +152,14 @@ def test_host(tmp_path: Path) -> Any:
 
 def act(ctx: HostContext, vm_id: str, events: list[Any], action: str,
         **args: Any) -> tuple[str, dict[str, Any]]:
+    """One action as one job (a job id of its own), its two events checked."""
     events.clear()
-    actions.run(ctx, {"vm_id": vm_id, "job_id": "job-1", "action": action, "args": args})
-    assert events[0] == (c.EV_BUILD_STEP, {"vm_id": vm_id, "job_id": "job-1", "step": action})
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    actions.run(ctx, {"vm_id": vm_id, "job_id": job_id, "action": action, "args": args})
+    assert events[0] == (c.EV_BUILD_STEP, {"vm_id": vm_id, "job_id": job_id, "step": action})
     assert len(events) == 2, events
     type_, data = events[1]
-    assert data["action"] == action and data["job_id"] == "job-1"
+    assert data["action"] == action and data["job_id"] == job_id
     return type_, data
 
 
@@ -176,6 +179,37 @@ def test_power_actions_report_libvirts_state(test_host: Any) -> None:
     ev, data = act(ctx, vm_id, events, "force_off")
     assert (ev, data["state"], data["forced"]) == (c.EV_ACTION_DONE, "stopped", True)
     assert ctx.virt.state(vm_id) == "shutoff"
+
+
+def test_a_job_delivered_again_is_answered_not_done_twice(test_host: Any,
+                                                          tmp_path: Path) -> None:
+    """The worker stopped after the reboot but before acknowledging its message: the message
+    comes again, and the VM is not rebooted a second time."""
+    ctx, vm_id, events = test_host
+    instance_paths(tmp_path, vm_id).dir.mkdir(parents=True)
+    reboots: list[str] = []
+    real = ctx.virt.start
+    ctx.virt.start = lambda uuid_: (reboots.append(uuid_), real(uuid_))[1]
+    payload = {"vm_id": vm_id, "job_id": "job-r", "action": "reboot", "args": {"hard": True}}
+    actions.run(ctx, payload)
+    first = events[-1]
+    assert first[0] == c.EV_ACTION_DONE and len(reboots) == 1
+    events.clear()
+    actions.run(ctx, payload)  # delivered again
+    assert events == [first] and len(reboots) == 1
+    # another job is another reboot
+    actions.run(ctx, {**payload, "job_id": "job-s"})
+    assert len(reboots) == 2 and events[-1][1]["job_id"] == "job-s"
+    # a failure is kept as well: said again, not tried again
+    events.clear()
+    bad = {"vm_id": vm_id, "job_id": "job-x", "action": "snapshot_revert",
+           "args": {"name": "nope"}}
+    actions.run(ctx, bad)
+    failed = events[-1]
+    assert failed[0] == c.EV_ACTION_FAILED
+    events.clear()
+    actions.run(ctx, bad)
+    assert events == [failed]
 
 
 def test_resize_needs_the_domain_off_and_changes_its_definition(test_host: Any) -> None:
