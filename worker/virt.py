@@ -267,14 +267,16 @@ class Virt:
                     raise
         return True
 
+    def _all_domains(self) -> list[libvirt.virDomain]:
+        conn = self._connection()
+        with _errors("list domains"):
+            return list(conn.listAllDomains(0))
+
     def domains_on_network(self, name: str) -> list[str]:
         """Names of the domains (running or not) with an interface on libvirt network
         ``name``, from their persistent definitions."""
-        conn = self._connection()
-        with _errors("list domains"):
-            doms = conn.listAllDomains(0)
         out = []
-        for dom in doms:
+        for dom in self._all_domains():
             try:
                 root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
                 dom_name = str(dom.name())
@@ -359,11 +361,8 @@ class Virt:
 
         ``vm_id``/``project`` come from virtfleet's ``<metadata>`` entry (None without one).
         """
-        conn = self._connection()
-        with _errors("list domains"):
-            doms = conn.listAllDomains(0)
         out = []
-        for dom in doms:
+        for dom in self._all_domains():
             try:
                 entry: dict[str, Any] = {
                     "uuid": dom.UUIDString(),
