@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -27,7 +28,7 @@ from sqlalchemy import select
 from fleet import contract as c
 from fleet import download
 from fleet.config import load_settings
-from fleet.exceptions import ConfigError
+from fleet.exceptions import BadRequest, ConfigError
 from fleet.proc import ProcError, run
 from fleet.store.models import Event, Host, Image, Project
 from fleet.store.session import Store
@@ -593,9 +594,11 @@ class Hop(http.server.BaseHTTPRequestHandler):
     hits = 0
     location = ""
     body = b""
+    hosts: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         type(self).hits += 1
+        type(self).hosts = [*type(self).hosts, str(self.headers.get("Host", ""))]
         if self.location:
             self.send_response(302)
             self.send_header("Location", self.location)
@@ -637,12 +640,12 @@ def first_hop_allowed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = download.check_public
     seen: list[str] = []
 
-    def check(host: str) -> None:
+    def check(host: str) -> list[str]:
         seen.append(host)
         if len(seen) == 1:
             assert host == "127.0.0.1"
-            return
-        real(host)
+            return ["127.0.0.1"]
+        return real(host)
 
     monkeypatch.setattr(download, "check_public", check)
     return seen
@@ -685,6 +688,31 @@ def test_a_redirect_to_a_refused_address_is_refused_without_contacting_it(
     assert "not allowed" in resp.get_json()["message"] or "http" in resp.get_json()["message"]
     assert outer.hits == 1 and inner.hits == 0
     env.assert_nothing_stored()
+
+
+def test_the_fetch_goes_to_the_checked_address_not_a_second_answer(
+        servers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name is resolved once, by the check, and the connection goes to
+    that address; the request still names the host. A resolver asked again is never
+    consulted for it (here it would answer 127.0.0.2, where nothing listens: the test stays
+    on loopback even if that ever regressed)."""
+    port, handler = servers(body=MARKER)
+    monkeypatch.setattr(download, "check_public",
+                        lambda host: ["127.0.0.1"] if host == "rebind.test" else [])
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def resolver(host: Any, *args: Any, **kw: Any) -> Any:
+        asked.append(str(host))
+        if host == "rebind.test":
+            return real("127.0.0.2", *args, **kw)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    body = b"".join(download.stream(f"http://rebind.test:{port}/img"))
+    assert body == MARKER and handler.hits == 1
+    assert handler.hosts == [f"rebind.test:{port}"]
+    assert "rebind.test" not in asked
 
 
 @needs_qemu_img
@@ -1252,3 +1280,62 @@ def test_an_old_dangling_link_in_imports_is_a_leftover(env: Env, tmp_path: Path)
         os.utime(imports_dir / name, (old, old), follow_symlinks=False)
     assert imagejobs.remove_leftovers(imports_dir, {".busy.lock"}) == ["dangling"]
     assert [p.name for p in imports_dir.iterdir()] == [".busy.lock"]
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for `name` (and its key), signed by itself: its own CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("cert_name, fetched", [("rebind.test", True), ("other.test", False)])
+def test_https_to_the_checked_address_verifies_the_hosts_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cert_name: str, fetched: bool) -> None:
+    """Over TLS the pinned connection still sends the URL's host as SNI and checks the
+    certificate against that name (not the address): a certificate for another name fails."""
+    import ssl
+    cert, key = _self_signed(tmp_path, cert_name)
+    handler = type("H", (Hop,), {"hits": 0, "location": "", "body": MARKER, "hosts": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setattr(download, "check_public",
+                            lambda host: ["127.0.0.1"] if host == "rebind.test" else [])
+        monkeypatch.setattr(download.requests.certs, "where", lambda: str(cert))
+        url = f"https://rebind.test:{port}/img"
+        if fetched:
+            assert b"".join(download.stream(url)) == MARKER
+            assert handler.hosts == [f"rebind.test:{port}"]
+        else:
+            with pytest.raises(BadRequest, match="could not be fetched"):
+                b"".join(download.stream(url))
+            assert handler.hits == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
