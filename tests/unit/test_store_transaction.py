@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -158,11 +159,11 @@ def test_a_plain_connection_claims_without_the_cache(store: Store) -> None:
     assert hostcache.caches() == []  # nothing would have merged or dropped its overlay
 
 
-@pytest.mark.parametrize("threads, room", [(12, 5)])
-def test_concurrent_transactions_take_exactly_the_room(store: Store,
-                                                       project_image: tuple[int, str],
-                                                       threads: int, room: int) -> None:
-    host_id = add_host(store, "h1", room * REQ.memory_mb)
+def race_for_the_room(store: Store, host_id: int, threads: int, room: int,
+                      decide: Callable[[int], str]) -> None:
+    """`threads` decisions at once (`decide(i)` places VM i and returns its id) on one host
+    with room for `room`: exactly `room` win, the others are refused (NoValidHost), nothing
+    crashes, and the host's usage, generation, claims and placed VMs agree with the winners."""
     barrier = threading.Barrier(threads)
     won: list[str] = []
     refused: list[NoValidHost] = []
@@ -171,12 +172,7 @@ def test_concurrent_transactions_take_exactly_the_room(store: Store,
     def attempt(i: int) -> None:
         barrier.wait()
         try:
-            with store.transaction() as conn:
-                values = vm_values(project_image, f"vm-{i}")
-                placed = claims.claim(conn, str(values["id"]), REQ, SETTINGS)
-                values["host_id"] = placed.host.id
-                FAST_VM.execute(conn, values)
-            won.append(str(values["id"]))
+            won.append(decide(i))
         except NoValidHost as exc:
             refused.append(exc)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
@@ -196,6 +192,23 @@ def test_concurrent_transactions_take_exactly_the_room(store: Store,
         assert sorted(s.scalars(select(Claim.vm_id)).all()) == sorted(won)
         assert sorted(s.scalars(select(VM.id).where(VM.host_id == host_id)).all()) == \
             sorted(won)
+
+
+@pytest.mark.parametrize("threads, room", [(12, 5)])
+def test_concurrent_transactions_take_exactly_the_room(store: Store,
+                                                       project_image: tuple[int, str],
+                                                       threads: int, room: int) -> None:
+    host_id = add_host(store, "h1", room * REQ.memory_mb)
+
+    def decide(i: int) -> str:
+        with store.transaction() as conn:
+            values = vm_values(project_image, f"vm-{i}")
+            placed = claims.claim(conn, str(values["id"]), REQ, SETTINGS)
+            values["host_id"] = placed.host.id
+            FAST_VM.execute(conn, values)
+        return str(values["id"])
+
+    race_for_the_room(store, host_id, threads, room, decide)
 
 
 def test_claim_times_are_stored_as_core_stores_them(store: Store) -> None:
@@ -292,37 +305,14 @@ def test_a_lost_compare_and_set_writes_no_placed_row(store: Store,
 def test_concurrent_single_statement_decisions_take_exactly_the_room(
         store: Store, project_image: tuple[int, str], threads: int, room: int) -> None:
     host_id = add_host(store, "h1", room * REQ.memory_mb)
-    barrier = threading.Barrier(threads)
-    won: list[str] = []
-    refused: list[NoValidHost] = []
-    crashed: list[BaseException] = []
+    rows = [placed_row(project_image, f"vm-{i}") for i in range(threads)]
 
-    def attempt(i: int) -> None:
-        row = placed_row(project_image, f"vm-{i}")
-        barrier.wait()
-        try:
-            with store.transaction(single_statement=True) as conn:
-                claims.claim(conn, str(row.values["id"]), REQ, SETTINGS, row=row)
-            won.append(str(row.values["id"]))
-        except NoValidHost as exc:
-            refused.append(exc)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            crashed.append(exc)
+    def decide(i: int) -> str:
+        with store.transaction(single_statement=True) as conn:
+            claims.claim(conn, str(rows[i].values["id"]), REQ, SETTINGS, row=rows[i])
+        return str(rows[i].values["id"])
 
-    workers = [threading.Thread(target=attempt, args=(i,)) for i in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(timeout=120)
-    assert not crashed, crashed
-    assert len(won) == room and len(refused) == threads - room
-    with store.sessions() as s:
-        host = s.get(Host, host_id)
-        assert host is not None
-        assert (host.used_memory_mb, host.generation) == (room * REQ.memory_mb, room)
-        assert sorted(s.scalars(select(Claim.vm_id)).all()) == sorted(won)
-        assert sorted(s.scalars(select(VM.id).where(VM.host_id == host_id)).all()) == \
-            sorted(won)
+    race_for_the_room(store, host_id, threads, room, decide)
 
 
 # -- the writer lock across processes ----------------------------------------------------
