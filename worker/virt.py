@@ -233,8 +233,14 @@ class Virt:
         if net is None:
             return None
         with _errors(f"state of network {name}"):
-            return {"active": bool(net.isActive()), "autostart": bool(net.autostart()),
-                    "persistent": bool(net.isPersistent())}
+            try:
+                return {"active": bool(net.isActive()), "autostart": bool(net.autostart()),
+                        "persistent": bool(net.isPersistent())}
+            except libvirt.libvirtError as exc:
+                # Removed between the lookup and the query (a host's removal racing us).
+                if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+                    return None
+                raise
 
     def define_network(self, xml: str) -> bool:
         """Define a persistent libvirt network from finished ``xml`` (not started).

@@ -158,6 +158,23 @@ def test_first_use_defines_starts_and_autostarts(virt: Virt, net_name: str) -> N
     assert ET.fromstring(virt.network_xml(lv) or "").findtext("uuid") == uuid_before
 
 
+def test_state_of_a_network_removed_after_its_lookup_is_absent(virt: Virt,
+                                                               net_name: str) -> None:
+    """A host's removal can land between the lookup by name and the state query (the
+    Debian e2e test polled into exactly that): absent, not an error."""
+    lv = ensure_network(virt, spec(net_name))
+    lookup = virt._network
+
+    def lookup_then_removed(name: str) -> Any:
+        handle = lookup(name)
+        with Virt(TEST_URI) as other:
+            assert other.remove_network(name)
+        return handle
+
+    virt._network = lookup_then_removed  # type: ignore[method-assign]
+    assert virt.network_state(lv) is None
+
+
 def _stop(virt: Virt, name: str) -> None:
     """Leave the network defined but stopped (its XML keeps its UUID)."""
     xml = virt.network_xml(name)
