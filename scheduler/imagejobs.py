@@ -2,10 +2,12 @@
 and make the image `active` — or `error`, with a reason safe to show.
 
 Owns what TASK_INSPECT_IMAGE does to a file in `<state_dir>/imports/<image id>` (written by
-the web, format pinned from its header; for an admin's raw file on the controller, a symbolic
-link to it, read as raw), the runner that keeps that work off the control queue's thread (a
-conversion takes seconds to minutes; heartbeats must not wait behind it), picking up imports
-a restart interrupted, and what EV_IMAGE_CACHED means for a host.
+the web, format pinned from its header — the image's `disk_format`; for an admin's raw file
+on the controller, a symbolic link to it, read as raw; for a sparse raw upload, the qcow2
+scheduler/streamconvert.py made of it as it came), the runner that keeps that work off the
+control queue's thread (a conversion takes seconds to minutes; heartbeats must not wait
+behind it), picking up imports a restart interrupted, and what EV_IMAGE_CACHED means for a
+host.
 
 Before an image is `active` its file is in the store under its content address (the sha256
 hosts check: of the stored bytes, computed by the web for a qcow2 as it came in, here for a
@@ -136,7 +138,9 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     """Inspect `src` read as `fmt` and put the qcow2 hosts will get into the image store.
 
     qcow2 is checked and kept as it is (`known_sha256`, computed while it was stored, saves
-    reading it again: it is then synced while qemu-img checks it); raw is converted to qcow2
+    reading it again: it is then synced while qemu-img checks it; without one — the qcow2
+    the web made of a sparse raw upload as it came — it is hashed and synced while qemu-img
+    checks it); raw is converted to qcow2
     (with ``-f raw``: `src` may be a link to an admin's file) and the result hashed, synced
     and checked again at once. `src` stays (the caller removes it once the store says how
     this ended). Raises ImportFailed (or ProcError/OSError, turned into a reason by the
@@ -150,6 +154,19 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     timings: dict[str, float] = {}
     if fmt == "qcow2" and known_sha256:
         return _keep_qcow2(src, known_sha256, store_dir, settings, timings, started_at)
+    if fmt == "qcow2":  # a sparse raw upload, converted as it came: checked while hashed
+        t1 = time.perf_counter()
+        try:
+            sha, data = hash_and_sync(src, lambda: images.check_untrusted(
+                src, "qcow2", settings.max_virtual_bytes))
+        except images.UnsafeImage as exc:
+            raise ImportFailed(str(exc)) from None
+        size = src.stat().st_size
+        t2 = time.perf_counter()
+        timings["hash_s"] = t2 - t1
+        _publish_file(src, sha, store_dir, keep=True)
+        timings["publish_s"] = time.perf_counter() - t2
+        return Result(sha, size, int(data["virtual-size"]), timings, started_at=started_at)
     t0 = time.perf_counter()
     try:
         data = images.check_untrusted(src, fmt, settings.max_virtual_bytes)
@@ -157,15 +174,6 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
         raise ImportFailed(str(exc)) from None
     vsize = int(data["virtual-size"])
     timings["inspect_s"] = time.perf_counter() - t0
-    if fmt == "qcow2":
-        t1 = time.perf_counter()
-        sha = hash_and_sync(src)[0]
-        size = src.stat().st_size
-        t2 = time.perf_counter()
-        timings["hash_s"] = t2 - t1
-        _publish_file(src, sha, store_dir, keep=True)
-        timings["publish_s"] = time.perf_counter() - t2
-        return Result(sha, size, vsize, timings, started_at=started_at)
     tmp = convert_path(store_dir, src.name)
     tmp.unlink(missing_ok=True)
     try:
@@ -241,7 +249,9 @@ def inspect_image(store: Store, settings: Settings, image_id: str,
         image = s.get(Image, image_id)
         if image is None or image.status != "importing":
             return None
-        fmt, known_sha = image.original_format, image.sha256
+        # The format of the file in imports/: what was sent, or (a sparse raw upload,
+        # converted as it came) the qcow2 the web made of it.
+        fmt, known_sha = image.disk_format, image.sha256
     src = imports_dir(settings) / image_id
     # The lock says which process has the image in hand: the file itself, or, for a link to
     # an admin's file (which other imports may link to too), a lock file of the image's own.

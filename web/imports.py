@@ -25,8 +25,6 @@ with the pinned format), keep any part of a refused file, or show a controller p
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -44,6 +42,7 @@ from werkzeug.wsgi import get_input_stream
 
 from fleet import download
 from fleet.exceptions import BadRequest
+from fleet.writeback import WritebackBehind
 
 CHUNK = 512 * 1024
 """Bytes read at a time (at most). Not more: gunicorn's body reader copies every piece a few
@@ -122,6 +121,9 @@ class StoredFile:
     disk_format: str
     """Decided from the header and pinned: every later qemu-img call names it."""
     virtual_size_bytes: int
+    original_format: str = ""
+    """What the client sent, when the stored file is already something else (a sparse raw
+    upload, converted to qcow2 as it came: web/sparse.py); empty: `disk_format`."""
 
 
 def inspect_header(head: bytes, file_size: int | None, max_virtual_bytes: int,
@@ -292,31 +294,6 @@ class HashBehind:
             self._thread.join()
 
 
-def _sync_file_range() -> Any:
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
-                         use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-"""sync_file_range(2): start writing the dirty pages of the range, do not wait for them."""
-
-
-def start_writeback(fd: int, offset: int, length: int) -> bool:
-    """Ask the kernel to start writing `length` bytes of `fd` from `offset` to disk, without
-    waiting for the disk (it is no guarantee of anything: the job's fsync is). False where
-    sync_file_range is not available (the fsync then does all of it)."""
-    if _SYNC_FILE_RANGE is None or length <= 0:
-        return False
-    return _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0
-
-
 def data_runs(chunk: bytes, end: int | None = None) -> list[tuple[int, int]]:
     """The (start, stop) positions in ``chunk[:end]`` (which starts on a SPARSE_BLOCK
     boundary of its file) of what is not made of all-zero SPARSE_BLOCKs; a last block cut
@@ -392,32 +369,6 @@ class SparseWriter:
                 written = os.pwrite(self.fd, part, at)
                 part, at = part[written:], at + written
         self.offset += end
-
-
-class WritebackBehind:
-    """A thread that asks the kernel to start writing ranges of a file to disk
-    (:func:`start_writeback`), so that the writer never waits for it: sync_file_range
-    waits whenever the disk's queue is full, and on the request's thread that made an
-    upload as slow as the disk (1 GiB: 0.8 s) on top of receiving it."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="upload-writeback",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            start_writeback(self.fd, *job)
-
-    def start(self, offset: int, length: int) -> None:
-        self._queue.put((offset, length))
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
 
 
 def _chain(held: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:

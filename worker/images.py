@@ -3,9 +3,11 @@
 Owns: overlay creation (qcow2 backed by a cached base; later overlays of a size copies of
 the first, kept beside the base as a template), image inspection (``info`` runs
 under a time and a memory limit; :func:`check_untrusted` judges an uploaded image),
-conversion and growth. Every call names the image format (``-f``, and ``-F`` for a backing file),
-so qemu-img never probes a format from untrusted content; paths are made absolute so
-a name can never be read as an option or a protocol prefix.
+conversion (whole files, or a raw file's segment into its place in a qcow2:
+:func:`convert_segment`) and growth. Every call names the image format (``-f``, and ``-F``
+for a backing file; ``driver=`` in image options), so qemu-img never probes a format from
+untrusted content; paths are made absolute so a name can never be read as an option or a
+protocol prefix.
 
 Must not: download images, decide where images live (a template lives beside its base),
 shrink a disk, or call anything but :func:`fleet.proc.run`.
@@ -255,6 +257,44 @@ def convert_untrusted(src: Path, src_fmt: str, dst: Path, *,
          _abs(dst)],
         timeout=timeout, memory_limit=CONVERT_MEMORY_LIMIT,
     )
+
+
+def create_empty_qcow2(path: Path, size_bytes: int) -> int:
+    """A new, empty qcow2 image of ``size_bytes`` (rounded up to 512) at ``path`` (an
+    existing file is refused: ``FileExistsError``); returns the virtual size it got."""
+    size = _round_up(size_bytes)
+    if Path(path).exists():
+        raise FileExistsError(f"image already exists: {Path(path).name}")
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", _abs(path), str(size)],
+        timeout=CREATE_TIMEOUT)
+    return size
+
+
+def _opt(value: str) -> str:
+    """A value for qemu's ``key=value,...`` option syntax (a comma is written twice)."""
+    return value.replace(",", ",,")
+
+
+def convert_segment(src: Path, dst: Path, offset: int, length: int, *,
+                    timeout: float = CONVERT_TIMEOUT) -> None:
+    """Copy bytes ``[offset, offset + length)`` of the raw file ``src`` into the same place
+    of the qcow2 image ``dst`` (which reads as zeros there, and is as large), under the
+    memory limit, not synced (``-t unsafe``: the caller fsyncs ``dst`` once at the end).
+
+    ``qemu-img convert -n --target-is-zero`` between two ``raw`` windows (``offset``,
+    ``size``): one on ``src`` read as raw, one on ``dst`` read as qcow2 — both formats
+    named in the options, nothing probed; qemu-img's own zero detection leaves zeros
+    unallocated, as a whole-file convert does. A raw upload is converted so, a segment at
+    a time, while the rest is still arriving (scheduler/streamconvert.py).
+    """
+    if offset < 0 or length <= 0 or offset % SECTOR:
+        raise ValueError("a segment starts on a sector and is not empty")
+    window = f"driver=raw,offset={offset},size={length}"
+    run([QEMU_IMG, "convert", "-n", "--target-is-zero", "-t", "unsafe",
+         "--image-opts", f"{window},file.driver=file,file.filename={_opt(_abs(src))}",
+         "--target-image-opts", f"{window},file.driver=qcow2,file.file.driver=file,"
+                                f"file.file.filename={_opt(_abs(dst))}"],
+        timeout=timeout, memory_limit=CONVERT_MEMORY_LIMIT)
 
 
 def resize(path: Path, fmt: str, size_bytes: int) -> None:

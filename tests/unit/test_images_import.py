@@ -26,7 +26,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from fleet import contract as c
-from fleet import download
+from fleet import download, writeback
 from fleet.config import load_settings
 from fleet.exceptions import BadRequest, ConfigError
 from fleet.proc import ProcError, run
@@ -1122,14 +1122,14 @@ def test_the_hash_behind_matches_and_leaves_no_thread() -> None:
 def test_writeback_is_asked_for_every_step_behind_the_writer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[tuple[int, int]] = []
-    real = imports.start_writeback
+    real = writeback.start_writeback
 
     def record(fd: int, offset: int, length: int) -> bool:
         asked.append((offset, length))
         assert threading.current_thread().name == "upload-writeback"
         return real(fd, offset, length)
 
-    monkeypatch.setattr(imports, "start_writeback", record)
+    monkeypatch.setattr(writeback, "start_writeback", record)
     monkeypatch.setattr(imports, "WRITEBACK_STEP", 2 * MIB)
     content = os.urandom(5 * MIB) + bytes(3 * MIB) + b"tail"
     before = threading.active_count()

@@ -5,9 +5,11 @@ Registration is asynchronous: the web streams the file into `<state_dir>/imports
 raw file on the controller is linked there, not copied), checks its header (refusals are
 answered 422 at once), writes the image `importing` and sends
 TASK_INSPECT_IMAGE to the control queue; the control plane's image job (scheduler/imagejobs.py)
-runs qemu-img, converts raw to qcow2 and makes it `active` (or `error`, with the reason). The
-answer is 202 with the importing image; 201 with an active one when the very same qcow2 bytes
-are already an active image (nothing left to inspect).
+runs qemu-img, converts raw to qcow2 and makes it `active` (or `error`, with the reason). A
+raw disk uploaded sparse (web/sparse.py: its data only, in frames) is converted while it
+arrives, and the job then finds the qcow2. The answer is 202 with the importing image; 201
+with an active one when the very same qcow2 bytes are already an active image (nothing left
+to inspect).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
-from fleet.exceptions import Conflict, NotFound, VirtfleetError
+from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
 from fleet.store.models import Host, Image, Project, new_id
 from web.api.schemas import (
     ImageCreateSchema,
@@ -41,6 +43,8 @@ from web.imports import (
     source_stash,
     store_stream,
 )
+from web.sparse import CONTENT_TYPE as SPARSE_CONTENT_TYPE
+from web.sparse import store_sparse
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ def _register(who: Principal, name: str, visibility: str, source: str, stash: St
             image = _known(s, stored) or Image(
                 status="importing", sha256=stored.sha256, size_bytes=stored.size_bytes,
                 virtual_size_bytes=stored.virtual_size_bytes, disk_format=stored.disk_format,
-                original_format=stored.disk_format)
+                original_format=stored.original_format or stored.disk_format)
             image.id, image.name, image.project_id = image_id, name, who.project_id
             image.visibility, image.source = visibility, source
             s.add(image)
@@ -183,6 +187,34 @@ class Images(MethodView):
                          source if "://" in source else "local", stash, data["disk_format"])
 
 
+SPARSE_DOC = (
+    "a raw disk's data only, in frames: each an 8-byte big-endian offset, an 8-byte "
+    "big-endian length, then that many bytes of the disk from that offset. Frames are in "
+    "increasing order, do not overlap, are not empty and end inside `virtual_size`; what no "
+    "frame covers reads as zeros (the header check applies to the disk's first bytes). "
+    "400: a frame out of order, overlapping, empty or past the disk, or a body that ends "
+    "inside a frame; 413: data above max_image_bytes; 422: `virtual_size` above "
+    "max_virtual_bytes, or a disk whose first bytes are another format's. "
+    "`virtfleet image upload` sends raw files so (their holes found with SEEK_HOLE).")
+
+
+def request_body_checked(req, virtual_size: int | None,  # type: ignore[no-untyped-def]
+                         limit: int) -> Any:
+    """The upload's body as chunks, once its content type and length fit: a sparse body
+    needs `virtual_size` (and a plain one must not have it); a plain body declaring more
+    than max_image_bytes is refused before a byte is read (this route's own limit, not the
+    app's MAX_CONTENT_LENGTH, meant for JSON; a body without a length is stopped as soon
+    as it goes past it). A sparse body's data is counted as it comes."""
+    sparse = req.mimetype == SPARSE_CONTENT_TYPE
+    if sparse and virtual_size is None:
+        raise BadRequest(f"a {SPARSE_CONTENT_TYPE} body needs the virtual_size parameter")
+    if not sparse and virtual_size is not None:
+        raise BadRequest(f"virtual_size is only for a {SPARSE_CONTENT_TYPE} body")
+    if not sparse and (req.content_length or 0) > limit:
+        raise ImageTooLarge(f"the image is larger than the limit of {limit} bytes")
+    return request_body(req.environ)
+
+
 @blp.route("/images/upload")
 class ImageUpload(MethodView):
     decorators = [login_required()]
@@ -191,24 +223,33 @@ class ImageUpload(MethodView):
     @blp.response(202, ImageSchema)
     @blp.alt_response(201, schema=ImageSchema, description="the same qcow2 bytes were already "
                                                            "an active image: active at once")
-    @blp.doc(requestBody={"required": True, "description": "the image file (qcow2 or raw)",
-                          "content": {"application/octet-stream": {
-                              "schema": {"type": "string", "format": "binary"}}}})
+    @blp.doc(requestBody={
+        "required": True,
+        "description": "application/octet-stream: the image file (qcow2 or raw) as it is. "
+                       f"{SPARSE_CONTENT_TYPE} (with `virtual_size`): {SPARSE_DOC}",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            SPARSE_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}})
     def post(self, args):  # type: ignore[no-untyped-def]
         """Register an image from the request body (streamed to disk, at most max_image_bytes).
 
-        Like POST /images, the answer is 202 and the image becomes `active` or `error`."""
-        # This route's own limit, not the app's MAX_CONTENT_LENGTH (meant for JSON): a declared
-        # length above it is refused before a byte is read, and store_stream stops reading
-        # a body without one (chunked) as soon as it goes past it.
-        limit = _settings().max_image_bytes
-        if (request.content_length or 0) > limit:
-            raise ImageTooLarge(f"the image is larger than the limit of {limit} bytes")
-        body = request_body(request.environ)
-        return _register(current(), args["name"], args["visibility"], "upload",
+        A raw disk may be sent sparse (`Content-Type: application/x-virtfleet-sparse`, its
+        size in `virtual_size`): only its data travels, in frames, and it is converted to
+        qcow2 while it arrives. Like POST /images, the answer is 202 and the image becomes
+        `active` or `error`."""
+        who, declared = current(), args["disk_format"]
+        body = request_body_checked(request, args["virtual_size"], _settings().max_image_bytes)
+        if args["virtual_size"] is not None:
+            vsize = int(args["virtual_size"])
+            return _register(who, args["name"], args["visibility"], "upload",
+                             lambda dest, limits, declared: store_sparse(body, dest, limits,
+                                                                         vsize, declared),
+                             declared)
+        return _register(who, args["name"], args["visibility"], "upload",
                          lambda dest, limits, declared: store_stream(body, dest, limits,
                                                                      declared),
-                         args["disk_format"])
+                         declared)
+
 
 
 @blp.route("/images/<image_ref>")

@@ -40,6 +40,10 @@ class ImageUploadQuerySchema(StrictSchema):
     disk_format = fields.String(load_default=None, validate=validate.OneOf(["qcow2", "raw"]),
                                 metadata={"description": "the format you expect; the file's "
                                                          "header decides, and must agree"})
+    virtual_size = fields.Integer(
+        load_default=None, validate=validate.Range(min=1),
+        metadata={"description": "the disk's size in bytes: required with a sparse body "
+                                 "(application/x-virtfleet-sparse), refused otherwise"})
 
 
 class ImageSchema(Schema):
