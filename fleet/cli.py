@@ -19,6 +19,7 @@ import click
 
 from fleet.config import Settings, load_settings
 from fleet.exceptions import ConfigError
+from fleet.imagecli import image as image_group
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -38,6 +39,9 @@ def _logging(settings: Settings) -> None:
 @click.group()
 def main() -> None:
     """virtfleet: a small private cloud for KVM hosts."""
+
+
+main.add_command(image_group)
 
 
 @main.group()

@@ -159,7 +159,7 @@ def _import_case(ratio_plain: float) -> dict:
     imports = [{"total": 1.0, "upload": 0.9, "job": 0.1, "job_inspect": 0.01,
                 "job_sync": 0.02, "job_publish": 0.0, "job_seen": 0.003,
                 "job_dispatch": 0.002, "job_other": 0.065} for _ in range(3)]
-    return images.import_case("a case", "qcow2", True, 1024 ** 3,
+    return images.import_case("a case", "qcow2", "client", 1024 ** 3,
                               [(0.5, ratio_plain)] * 3, imports)
 
 

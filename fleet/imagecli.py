@@ -1,0 +1,126 @@
+"""`virtfleet image`: upload a disk image file to a virtfleet, list its images.
+
+Owns the commands' options and output only; the requests are fleet.imageclient's (a raw
+file goes sparse: its data only). Where to: ``--url``/``--token``, else ``$VIRTFLEET_URL``
+/ ``$VIRTFLEET_TOKEN``, else this machine's virtfleet as ``virtfleet up`` runs it (its
+settings' base URL and the admin token it wrote in the state directory). Every failure
+ends with a one-line message (click.ClickException), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet.imageclient import ImageClient, ImageClientError
+
+TOKEN_FILE = "admin-token"
+"""The admin token `virtfleet up` writes into the state directory."""
+
+
+def client(url: str | None, token: str | None) -> ImageClient:
+    """The client for these options (or their defaults: see the module's docstring)."""
+    if not url or not token:
+        from fleet.config import load_settings
+        from fleet.exceptions import ConfigError
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        url = url or settings.base_url
+        if not token:
+            try:
+                token = (settings.state_dir / TOKEN_FILE).read_text().strip()
+            except OSError:
+                raise click.ClickException(
+                    "no API token: give --token or set VIRTFLEET_TOKEN (or run this where "
+                    "`virtfleet up` keeps its admin token)") from None
+    try:
+        return ImageClient(url, token)
+    except ImageClientError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
+
+
+def _line(image: dict[str, Any]) -> str:
+    reason = f" ({image['status_reason']})" if image.get("status_reason") else ""
+    return f"{image['id']}  {image['name']}  {image['status']}{reason}"
+
+
+url_option = click.option("--url", envvar="VIRTFLEET_URL", default=None,
+                          help="the virtfleet's base URL [env VIRTFLEET_URL; default: this "
+                               "machine's, as `virtfleet up` runs it]")
+token_option = click.option("--token", envvar="VIRTFLEET_TOKEN", default=None,
+                            help="an API token [env VIRTFLEET_TOKEN; default: the admin "
+                                 "token `virtfleet up` wrote]")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="print the server's JSON")
+
+
+@click.group("image")
+def image() -> None:
+    """Images: upload a disk image file, list them."""
+
+
+@image.command("upload")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True,
+                                        path_type=Path))
+@click.option("--name", required=True, help="the image's name in its project")
+@click.option("--visibility", type=click.Choice(["private", "public"]), default="private",
+              show_default=True, help="public: every project may use it (admins only)")
+@click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default=None,
+              help="what the file is (default: qcow2 if it starts like one, else raw); the "
+                   "server checks it")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="wait until the image is active (or error)")
+@url_option
+@token_option
+@json_option
+def upload(file: Path, name: str, visibility: str, disk_format: str | None, wait: bool,
+           url: str | None, token: str | None, as_json: bool) -> None:
+    """Upload FILE as a new image: a raw disk is sent sparse (its data only, converted to
+    qcow2 on the controller as it arrives), a qcow2 as it is. Prints the image's id, name
+    and status; with --wait, exits 1 when the import ends in error."""
+    api = client(url, token)
+    try:
+        found = api.upload(file, name, visibility, disk_format)
+        if wait:
+            found = api.wait(found)
+    except ImageClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(found, indent=2) if as_json else _line(found))
+    if wait and found.get("status") != "active":
+        raise SystemExit(1)
+
+
+@image.command("list")
+@url_option
+@token_option
+@json_option
+def list_images(url: str | None, token: str | None, as_json: bool) -> None:
+    """List the images this token's project may use."""
+    try:
+        found = client(url, token).list()
+    except ImageClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    rows = [("ID", "NAME", "STATUS", "FORMAT", "VIRTUAL", "VISIBILITY", "PROJECT")]
+    rows += [(i["id"], i["name"], i["status"], i.get("disk_format", ""),
+              _size(i.get("virtual_size_bytes")), i.get("visibility", ""),
+              i.get("project", "")) for i in found]
+    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
