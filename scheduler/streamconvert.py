@@ -50,11 +50,11 @@ class StreamConversion:
     conversion and removes every file it made."""
 
     def __init__(self, directory: Path, name: str, virtual_size: int,
-                 segment_data: int = SEGMENT_DATA) -> None:
+                 segment_data: int | None = None) -> None:
         tag = os.urandom(4).hex()
         self.staging = directory / f".{name}-{tag}.raw"
         self.qcow2 = directory / f".{name}-{tag}.qcow2"
-        self.segment_data = segment_data
+        self.segment_data = segment_data or SEGMENT_DATA
         self.convert_s = 0.0
         """Seconds qemu-img ran (on the converter's thread)."""
         self.tail_s = 0.0
@@ -151,15 +151,6 @@ class StreamConversion:
     def _run(self) -> None:
         while (segment := self._queue.get()) is not None:
             start, end = segment
-            while True:  # segments waiting behind this one join it: one process for all
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                end = more[1]
             if self._stop or self._error is not None:
                 continue
             try:

@@ -195,6 +195,20 @@ def test_bench_images_render_shows_every_import_case() -> None:
     assert json.loads(json.dumps(report)) == report
 
 
+def test_bench_images_an_informational_case_has_no_target() -> None:
+    from bench import images
+    imports = [{"total": 2.0, "upload": 1.5, "job": 0.5} for _ in range(3)]
+    case = images.import_case("whole", "raw", "whole", 1 << 30, [(0.5, 1.0)] * 3, imports,
+                              target=False)
+    assert (case["ratio"], case["target_min"], case["verdict"]) == (0.5, None, "INFO")
+    lines = "\n".join(images.render_case("raw_upload_whole", case))
+    assert "no target   INFO" in lines and "POST /images/upload, whole" in lines
+    keys = [k for k, *_ in images.IMPORT_CASES]
+    assert keys == ["qcow2_upload", "raw_upload", "raw_path", "raw_upload_whole"]
+    assert [how for _, _, how, *_ in images.IMPORT_CASES] == ["client", "client", "path",
+                                                             "whole"]
+
+
 @pytest.mark.skipif(__import__("shutil").which("qemu-img") is None, reason="needs qemu-img")
 def test_bench_images_stamp_and_the_durable_plain_convert(tmp_path) -> None:
     from bench import images
