@@ -20,17 +20,17 @@ from typing import Any
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _sync_file_range() -> Any:
-    try:
-        fn = _LIBC.sync_file_range
-    except AttributeError:
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    fn.restype = ctypes.c_int
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """A function of the C library taking `argtypes` and returning an int, or None where
+    the library has none of that name."""
+    fn = getattr(_LIBC, name, None)
+    if fn is not None:
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return fn
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_longlong,
+                                  ctypes.c_longlong, ctypes.c_uint)
 SYNC_FILE_RANGE_WRITE = 2
 """sync_file_range(2): start writing the dirty pages of the range, do not wait for them."""
 
@@ -69,17 +69,8 @@ class WritebackBehind:
             self._thread.join()
 
 
-def _fallocate() -> Any:
-    try:
-        fn = _LIBC.fallocate
-    except AttributeError:
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _fallocate()
+_FALLOCATE = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                            ctypes.c_longlong)
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 

@@ -903,14 +903,19 @@ def test_data_runs(chunk: bytes, end: int | None, runs: list[tuple[int, int]]) -
     assert imports.data_runs(chunk, end) == runs
 
 
-def sparse_disk(path: Path, size: int, data: dict[int, bytes]) -> bytes:
-    """A sparse file of `size` with `data` at offsets; returns its whole content."""
+def sparse_file(path: Path, size: int, data: dict[int, bytes]) -> Path:
+    """A sparse file of `size` with `data` at offsets (holes elsewhere)."""
     with path.open("wb") as fh:
         fh.truncate(size)
         for off, blob in data.items():
             fh.seek(off)
             fh.write(blob)
-    return path.read_bytes()
+    return path
+
+
+def sparse_disk(path: Path, size: int, data: dict[int, bytes]) -> bytes:
+    """:func:`sparse_file`'s whole content."""
+    return sparse_file(path, size, data).read_bytes()
 
 
 def allocated(path: Path) -> int:

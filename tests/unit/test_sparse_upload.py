@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from werkzeug.serving import make_server
 
+from fleet import writeback
 from fleet.cli import main as cli
 from fleet.imageclient import FRAME, SPARSE_CONTENT_TYPE, ImageClient, data_extents
 from fleet.proc import ProcError, run
@@ -29,6 +30,7 @@ from tests.unit.test_images_import import (
     qcow2_header,
     qemu_img,
     secret_file,
+    sparse_file,
 )
 from web import sparse
 from worker import images
@@ -58,15 +60,6 @@ def send(env: Env, data: bytes, virtual_size: int | None, name: str = "disk",
     qs = "&".join(f"{k}={v}" for k, v in q.items())
     return env.call("POST", f"/api/v1/images/upload?{qs}", data=data,
                     headers={"Content-Type": content_type})
-
-
-def sparse_file(path: Path, size: int, data: dict[int, bytes]) -> Path:
-    with path.open("wb") as fh:
-        fh.truncate(size)
-        for off, chunk in data.items():
-            fh.seek(off)
-            fh.write(chunk)
-    return path
 
 
 def file_body(path: Path) -> bytes:
@@ -402,3 +395,17 @@ def test_cli_errors_are_one_line_messages(served: Any, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["image", "list", "--url", "ftp://x", "--token", "t"])
     assert res.exit_code == 1 and "not an http(s) URL" in res.output
     env.assert_marker_absent()
+
+
+def test_a_punched_range_is_a_hole_and_the_file_keeps_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(4 * CLUSTER))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert writeback.punch_hole(fd, CLUSTER, 2 * CLUSTER)
+        assert not writeback.punch_hole(fd, 0, 0)
+    finally:
+        os.close(fd)
+    content = path.read_bytes()
+    assert len(content) == 4 * CLUSTER and content[CLUSTER:3 * CLUSTER] == bytes(2 * CLUSTER)
+    assert path.stat().st_blocks * 512 <= 2 * CLUSTER
