@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,7 @@ from fleet.store.models import VM, Claim, Host, Image, Project, new_id, utcnow
 from fleet.store.session import Store
 from scheduler import claims, hostcache
 from scheduler.snapshot import Request
+from web.server import GIL_SWITCH_INTERVAL
 
 TARGET_PER_SECOND = 1000.0
 """Decisions per second to reach (each one transaction with its claim)."""
@@ -74,6 +76,8 @@ class Result:
     db: str
     hosts: int
     decisions: int
+    deciders: int = 1
+    """Threads of this process deciding at once."""
     placed: int = 0
     refused: int = 0
     seconds: float = 0.0
@@ -166,28 +170,40 @@ PHASES = ("begin", "rank", "claim", "commit")
 
 class Timer:
     """Where one decision's time goes: wraps claims.rank and claims.try_claim (they are
-    looked up in the module at each call) and adds up their time per decision."""
+    looked up in the module at each call) and adds up their time, per decider thread
+    (`rank`, `claim`: the calling thread's totals; `lost`: every thread's lost
+    compare-and-sets)."""
 
     def __init__(self) -> None:
-        self.rank = 0.0
-        self.claim = 0.0
+        self._mine = threading.local()
+        self._lock = threading.Lock()
         self.lost = 0
         self._rank, self._try_claim = claims.rank, claims.try_claim
+
+    @property
+    def rank(self) -> float:
+        return float(getattr(self._mine, "rank", 0.0))
+
+    @property
+    def claim(self) -> float:
+        return float(getattr(self._mine, "claim", 0.0))
 
     def timed_rank(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return self._rank(*args, **kwargs)
         finally:
-            self.rank += time.perf_counter() - t0
+            self._mine.rank = self.rank + time.perf_counter() - t0
 
     def timed_try_claim(self, *args: Any, **kwargs: Any) -> bool:
         t0 = time.perf_counter()
         try:
             won = bool(self._try_claim(*args, **kwargs))
         finally:
-            self.claim += time.perf_counter() - t0
-        self.lost += not won
+            self._mine.claim = self.claim + time.perf_counter() - t0
+        if not won:
+            with self._lock:
+                self.lost += 1
         return won
 
     @contextmanager
@@ -248,9 +264,11 @@ def verify(store: Store, settings: Settings, result: Result) -> None:
 
 
 def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
-            settings: Settings) -> Result:
+            settings: Settings, deciders: int = 1) -> Result:
+    """`n_decisions` on `n_hosts` fresh hosts by `deciders` threads of this process at once
+    (as the web's request threads decide), each taking every deciders-th request."""
     rng = random.Random(SEED)
-    result = Result(db=db, hosts=n_hosts, decisions=n_decisions)
+    result = Result(db=db, hosts=n_hosts, decisions=n_decisions, deciders=deciders)
     project_id, image_id, sha = populate(store, n_hosts, rng)
     hostcache.reset()
     plan = []
@@ -264,18 +282,53 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
     latencies: list[float] = []
     phases: dict[str, list[float]] = {p: [] for p in (*PHASES, "other")}
     timer = Timer()
+    counts = {"placed": 0, "refused": 0}
+    failures: list[BaseException] = []
+    go = threading.Barrier(deciders)
+
+    def decider(share: list[tuple[str, Request]]) -> None:
+        """One decider: its share of the plan, one decision after another."""
+        mine: dict[str, list[float]] = {p: [] for p in phases}
+        lat: list[float] = []
+        placed = refused = 0
+        try:
+            go.wait()
+            for name, req in share:
+                t0 = time.perf_counter()
+                try:
+                    decide(store, settings, project_id, image_id, name, req, timer, mine)
+                    placed += 1
+                except claims.NoValidHost:
+                    refused += 1
+                lat.append(time.perf_counter() - t0)
+        except BaseException as exc:  # noqa: BLE001 - reported by run_one
+            failures.append(exc)
+            go.abort()
+        with lock:
+            latencies.extend(lat)
+            for phase, values in mine.items():
+                phases[phase].extend(values)
+            counts["placed"] += placed
+            counts["refused"] += refused
+
+    lock = threading.Lock()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as in the API processes (web/server.py)
     with timer.installed():
+        threads = [threading.Thread(target=decider, args=(plan[k::deciders],),
+                                    name=f"decider-{k}") for k in range(1, deciders)]
+        for t in threads:
+            t.start()
         started, cpu = time.perf_counter(), time.process_time()
-        for name, req in plan:
-            t0 = time.perf_counter()
-            try:
-                decide(store, settings, project_id, image_id, name, req, timer, phases)
-                result.placed += 1
-            except claims.NoValidHost:
-                result.refused += 1
-            latencies.append(time.perf_counter() - t0)
+        decider(plan[0::deciders])
+        for t in threads:
+            t.join()
         result.seconds = time.perf_counter() - started
         result.cpu_ms = (time.process_time() - cpu) * 1000.0 / max(n_decisions, 1)
+    sys.setswitchinterval(switch)
+    if failures:
+        raise failures[0]
+    result.placed, result.refused = counts["placed"], counts["refused"]
     result.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     result.lost_cas = timer.lost
     for phase, values in phases.items():
@@ -307,7 +360,8 @@ def report(results: Sequence[Result], settings: Settings) -> str:
             lines.append(f"{r.db:<10} ERROR {r.error}")
             continue
         lines.append(
-            f"{r.db:<10} hosts={r.hosts} decisions={r.decisions} placed={r.placed} "
+            f"{r.db:<10} hosts={r.hosts} decisions={r.decisions} deciders={r.deciders} "
+            f"placed={r.placed} "
             f"refused={r.refused} in {r.seconds:.2f}s: {r.per_second:.0f} decisions/s; "
             f"latency ms p50 {r.p50_ms:.2f} p95 {r.p95_ms:.2f} p99 {r.p99_ms:.2f} "
             f"max {r.max_ms:.2f}; host cache reloads {r.cache_reloads} "
@@ -329,7 +383,8 @@ def report(results: Sequence[Result], settings: Settings) -> str:
 
 
 def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str | None = None,
-         as_json: bool = False, strict: bool = False, host_cache_ttl: float | None = None) -> int:
+         as_json: bool = False, strict: bool = False, host_cache_ttl: float | None = None,
+         deciders: int = 1) -> int:
     settings = Settings(host_name="bench")
     if host_cache_ttl is not None:
         settings = Settings(host_name="bench", host_cache_ttl=host_cache_ttl)
@@ -339,11 +394,11 @@ def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str
         try:
             if name == "sqlite":
                 with sqlite_store() as store:
-                    results.append(run_one(name, store, hosts, decisions, settings))
+                    results.append(run_one(name, store, hosts, decisions, settings, deciders))
             else:
                 url = pg_url or os.environ.get(PG_ENV) or DEFAULT_PG_URL
                 with postgres_store(url) as store:
-                    results.append(run_one(name, store, hosts, decisions, settings))
+                    results.append(run_one(name, store, hosts, decisions, settings, deciders))
         except Exception as exc:  # noqa: BLE001 - reported, the other database still runs
             results.append(Result(db=name, hosts=hosts, decisions=decisions,
                                   error=f"{type(exc).__name__}: {exc}"))

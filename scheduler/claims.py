@@ -258,9 +258,32 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
         if not len(ranking):
             raise NoValidHost(_no_host_message(len(hosts), ranking.removed),
                               {"filters": ranking.removed, "hosts": len(hosts)})
-        for i in range(len(ranking)):
+        # Hosts another decision of this process is claiming on right now are passed over,
+        # then tried last, once that claim ended; hosts it claimed since we ranked are
+        # skipped (hostcache: claims in flight).
+        passed_over: list[int] = []
+        nxt = 0
+        while True:
+            if nxt < len(ranking):
+                i, nxt, first_pass = nxt, nxt + 1, True
+            elif passed_over:
+                i, first_pass = passed_over.pop(0), False
+            else:
+                break
             best = ranking.top(i + 1 + MAX_ALTERNATES)
             cand = best[i]
+            if cached is not None:
+                if first_pass and not cached.reserve(cand):
+                    passed_over.append(i)
+                    continue
+                if not first_pass:
+                    cached.wait_for(cand)
+                    cached.reserve(cand)  # if nobody took it meanwhile (a hint, as ever)
+                # Checked once reserved: a claim that ended before our reservation was merged
+                # before it ended, so it shows here.
+                if cached.outdated(cand):
+                    cached.unreserve(cand)
+                    continue  # claimed since we ranked: lost for sure (the next round sees it)
             won = (try_claim(session, cand, vm_id, req) if row is None else
                    try_claim(session, cand, vm_id, req,
                              row.for_host(cand, [h.name for h in best[i + 1:]]),
@@ -271,6 +294,7 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
                     cached.claimed(taken)
                 return Placement(taken, [h.name for h in best[i + 1:]])
             if cached is not None:
+                cached.unreserve(cand)
                 cached.lost(cand)
     raise NoValidHost("every candidate host was taken by concurrent requests; try again",
                       {"filters": ranking.removed, "hosts": len(hosts)})

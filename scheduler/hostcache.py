@@ -20,6 +20,18 @@ apart by their generation, so "the higher generation wins" when two readings mee
   request, one more VM, one more build) goes into the overlay too. The overlay ranks the
   transaction's next decisions and is merged into the cache when the transaction commits,
   dropped when it rolls back.
+
+Claims in flight: decisions of one process run side by side (the web's request threads; on
+PostgreSQL nothing serialises them), rank the same table and, with the same request, pick the
+same best host, so all but one would lose their compare-and-set, re-read that host and go
+again. So a decision *reserves* the host it is about to claim (`SessionHosts.reserve`) and
+the others pass over it to their next candidate while that claim is in flight; the
+reservation ends with the transaction, after its claims were merged into the table (so
+nobody sees the host free with its old generation), and a decision skips, without trying,
+a host that another claimed since it ranked. Only a hint: when every candidate was in
+flight, a decision waits briefly for those claims to end and tries the hosts they did not
+change, and the compare-and-set stays the arbiter (other processes know nothing of this
+process's reservations).
 """
 
 from __future__ import annotations
@@ -60,6 +72,10 @@ from scheduler.snapshot import (
     snapshot_from_values,
 )
 
+IN_FLIGHT_WAIT = 0.1
+"""Seconds a decision waits for another's claim in flight on a host before trying it anyway
+(only when every other candidate was in flight too or lost)."""
+
 MAX_CACHES = 8
 """Databases one process keeps a cache for (the tests make many); the oldest is dropped."""
 
@@ -72,6 +88,9 @@ REFETCH_AT_MOST = 0.25
 
 _SESSION_KEY = "virtfleet.hostcache"
 """Where a session keeps its overlay: {cache url: {host id: snapshot or None (gone)}}."""
+
+_RESERVED_KEY = "virtfleet.hostcache.reserved"
+"""Where a session keeps the hosts it reserved: {cache url: {host id}}."""
 
 _COLUMNS = (Host.id, Host.name, Host.generation, Host.alive, Host.enabled, Host.maintenance,
             Host.arch, Host.virt_type, Host.vcpus, Host.memory_mb, Host.disk_gb,
@@ -206,6 +225,33 @@ class HostCache:
         self._reloading = threading.Lock()  # one full reload at a time
         self._starts = 0  # full reloads started so far
         self._started_last = 0  # which of them the current table comes from
+        self._in_flight: set[int] = set()  # hosts a transaction of ours is claiming on
+        self._in_flight_lock = threading.Condition()
+
+    def reserve(self, host_id: int) -> bool:
+        """Mark a claim on `host_id` as in flight; False when one already is."""
+        with self._in_flight_lock:
+            if host_id in self._in_flight:
+                return False
+            self._in_flight.add(host_id)
+            return True
+
+    def release(self, host_ids: Iterable[int]) -> None:
+        """The claims on `host_ids` are no longer in flight (committed and merged, or gone)."""
+        with self._in_flight_lock:
+            self._in_flight.difference_update(host_ids)
+            self._in_flight_lock.notify_all()
+
+    def wait_released(self, host_id: int, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until no claim on `host_id` is in flight."""
+        with self._in_flight_lock:
+            return self._in_flight_lock.wait_for(lambda: host_id not in self._in_flight,
+                                                 timeout)
+
+    def in_flight(self) -> frozenset[int]:
+        """Hosts with a claim in flight (for tests)."""
+        with self._in_flight_lock:
+            return frozenset(self._in_flight)
 
     @property
     def engine(self) -> Engine:
@@ -322,6 +368,10 @@ class HostCache:
                 return
             self._table = overlay(table, hosts)
 
+    def current(self) -> HostTable | None:
+        """The table as it is now (no reload)."""
+        return self._table
+
     def invalidate(self) -> None:
         """Reload at the next decision."""
         with self._lock:
@@ -370,12 +420,17 @@ class SessionHosts:
         self.session = session
         self.settings = settings
         self.pending: dict[int, HostSnapshot | None]
+        self.reserved: set[int]
+        """Hosts this transaction reserved (see the module's notes on claims in flight)."""
         if isinstance(session, Session):
             pending = session.info.setdefault(_SESSION_KEY, {})
             self.pending = pending.setdefault(cache.url, {})
+            self.reserved = session.info.setdefault(_RESERVED_KEY, {}).setdefault(
+                cache.url, set())
             return
         # A Store.transaction(): the overlay lives in its Transaction and is merged once it
-        # has committed (a savepoint's rollback drops it, as after_soft_rollback does).
+        # has committed (a savepoint's rollback drops it, as after_soft_rollback does); the
+        # reservations end with the transaction, after that merge.
         txn = transaction_of(session)
         assert txn is not None
         key = (_SESSION_KEY, cache.url)
@@ -383,7 +438,12 @@ class SessionHosts:
         if found is None:
             found = txn.data[key] = {}
             txn.after_commit(lambda: cache.merge(found) if found else None)
+        reserved = txn.data.get((_RESERVED_KEY, cache.url))
+        if reserved is None:
+            reserved = txn.data[(_RESERVED_KEY, cache.url)] = set()
+            txn.after_end(lambda: _release(cache, reserved))
         self.pending = found
+        self.reserved = reserved
 
     def hosts(self, reload: bool = False) -> HostTable:
         """The hosts to rank (`reload`: read them all again first)."""
@@ -391,6 +451,37 @@ class SessionHosts:
         if table is None:
             table = self.cache.table(self.settings)
         return overlay(table, self.pending) if self.pending else table
+
+    def reserve(self, host: HostSnapshot) -> bool:
+        """Reserve `host` for a claim of this transaction; False when another transaction
+        of this process has a claim in flight on it (pass it over for now)."""
+        if host.id in self.reserved:
+            return True
+        if not self.cache.reserve(host.id):
+            return False
+        self.reserved.add(host.id)
+        return True
+
+    def wait_for(self, host: HostSnapshot) -> None:
+        """Wait (briefly) for another transaction's claim in flight on `host` to end, so
+        that `outdated` can tell whether it took the host. Not for long: it may be a long
+        transaction (or one waiting for a host we reserved)."""
+        if host.id not in self.reserved:
+            self.cache.wait_released(host.id, IN_FLIGHT_WAIT)
+
+    def outdated(self, host: HostSnapshot) -> bool:
+        """The shared table has moved past `host` (another transaction's claim on it was
+        merged after we ranked): its compare-and-set would be lost, so skip it unread."""
+        if host.id in self.pending:
+            return False  # our own transaction's view of it
+        table = self.cache.current()
+        return table is not None and old_generation(table, host.id) > host.generation
+
+    def unreserve(self, host: HostSnapshot) -> None:
+        """Our claim on `host` did not go through: others may try it again."""
+        if host.id in self.reserved:
+            self.reserved.discard(host.id)
+            self.cache.release((host.id,))
 
     def claimed(self, host: HostSnapshot) -> None:
         """Our claim went through (in our transaction), leaving `host` so (after_claim)."""
@@ -404,6 +495,20 @@ class SessionHosts:
             # Seen through our own transaction it is no newer than what we tried: the rows
             # changed under a generation we cannot see (should not happen); start over.
             self.cache.invalidate()
+
+
+def _release(cache: HostCache, reserved: set[int]) -> None:
+    if reserved:
+        cache.release(reserved)
+        reserved.clear()
+
+
+def _release_session(session: Session) -> None:
+    for url, hosts in session.info.get(_RESERVED_KEY, {}).items():
+        cache = _caches.get(url)
+        if cache is not None:
+            _release(cache, hosts)
+        hosts.clear()
 
 
 # Every session's commit and rollback pass through these; they do nothing for a session that
@@ -420,6 +525,7 @@ def _merge_pending(session: Session) -> None:
         if cache is not None and hosts:
             cache.merge(hosts)
         hosts.clear()
+    _release_session(session)
 
 
 @event.listens_for(Session, "after_soft_rollback")
@@ -429,6 +535,7 @@ def _drop_pending(session: Session, previous_transaction: Any = None) -> None:
     if _SESSION_KEY in session.info:
         for hosts in session.info[_SESSION_KEY].values():
             hosts.clear()
+    _release_session(session)
 
 
 @event.listens_for(Session, "after_transaction_end")

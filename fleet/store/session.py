@@ -38,9 +38,15 @@ class Transaction:
     def __init__(self) -> None:
         self.data: dict[Any, Any] = {}
         self._after_commit: list[Callable[[], None]] = []
+        self._after_end: list[Callable[[], None]] = []
 
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._after_commit.append(fn)
+
+    def after_end(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the transaction has ended, committed (after the after_commit
+        callbacks) or rolled back; a savepoint's rollback does not drop it."""
+        self._after_end.append(fn)
 
     def forget(self) -> None:
         self.data.clear()
@@ -48,6 +54,10 @@ class Transaction:
 
     def committed(self) -> None:
         for fn in self._after_commit:
+            fn()
+
+    def ended(self) -> None:
+        for fn in self._after_end:
             fn()
 
 
@@ -315,14 +325,17 @@ class Store:
     def _run(conn: Connection) -> Iterator[Connection]:
         txn = conn.info[TXN_KEY] = Transaction()
         try:
-            with conn.begin():
-                yield conn
-        except BaseException:
-            txn.forget()
-            raise
+            try:
+                with conn.begin():
+                    yield conn
+            except BaseException:
+                txn.forget()
+                raise
+            finally:
+                conn.info.pop(TXN_KEY, None)
+            txn.committed()
         finally:
-            conn.info.pop(TXN_KEY, None)
-        txn.committed()
+            txn.ended()
 
     def dispose(self) -> None:
         if self._checkpointer is not None:

@@ -1,11 +1,14 @@
 """The per-process host cache on a real store (SQLite and PostgreSQL, as in test_claims):
 stale hosts are caught by the compare-and-set, the TTL brings new hosts in, hosts marked down
-are not chosen, rolled-back claims never reach the cache."""
+are not chosen, rolled-back claims never reach the cache; deciders side by side pass over
+the hosts each other is claiming on and lose no compare-and-set."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import threading
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -366,3 +369,103 @@ def test_a_claim_in_a_released_savepoint_waits_for_the_real_commit(
     snap = cache.table(SETTINGS)[0]
     assert (snap.generation, snap.used_memory_mb) == (1, 512)
     assert host_row(store, "h1").generation == 1
+
+
+# -- claims in flight: deciders of one process side by side ----------------------------------
+
+
+def place_in_transaction(store: Store, project_image: tuple[int, str], name: str,
+                         fail: bool = False) -> tuple[str, frozenset[int]]:
+    """The web's cheapest path (a Store.transaction() and a PlacedRow, as vmops does): the
+    host chosen and the hosts in flight just before the transaction ended."""
+    vm_id = str(uuid.uuid4())
+    row = claims.PlacedRow(VM.__table__, {
+        "id": vm_id, "name": name, "project_id": project_image[0],
+        "image_id": project_image[1], "vcpus": REQ.vcpus, "memory_mb": REQ.memory_mb,
+        "disk_gb": REQ.disk_gb, "user_data": "", "state": "building",
+        "mac": "52:54:00:00:00:01", "constraints": {}, "created_at": utcnow(),
+        "updated_at": utcnow()})
+    with store.transaction() as conn:
+        placed = claims.claim(conn, vm_id, REQ, SETTINGS, row=row)
+        in_flight = the_cache(store).in_flight()
+        if fail:
+            raise RuntimeError("the build could not be sent")
+    return placed.host.name, in_flight
+
+
+def test_a_claim_is_in_flight_until_its_transaction_ends(
+        store: Store, project_image: tuple[int, str]) -> None:
+    h1 = add_host(store, "h1", memory_mb=4096)
+    name, during = place_in_transaction(store, project_image, "vm-1")
+    assert (name, during) == ("h1", frozenset({h1}))
+    cache = the_cache(store)
+    assert cache.in_flight() == frozenset()  # committed: merged, then released
+    assert cache.table(SETTINGS)[0].generation == 1
+    with pytest.raises(RuntimeError):
+        place_in_transaction(store, project_image, "vm-2", fail=True)
+    assert cache.in_flight() == frozenset()  # rolled back: released too
+    with store.session() as s:  # the ORM path
+        claims.place_and_claim(s, new_vm(s, project_image, "vm-3"), REQ, SETTINGS)
+        assert cache.in_flight() == frozenset({h1})
+    assert cache.in_flight() == frozenset()
+    with pytest.raises(RuntimeError), store.session() as s:
+        claims.place_and_claim(s, new_vm(s, project_image, "vm-4"), REQ, SETTINGS)
+        raise RuntimeError("rolled back")
+    assert cache.in_flight() == frozenset()
+    assert_consistent(store)
+
+
+def test_a_host_with_a_claim_in_flight_is_passed_over_then_tried_last(
+        store: Store, project_image: tuple[int, str], cas: list[tuple[str, bool]]) -> None:
+    big = add_host(store, "big", memory_mb=8192)  # the best for spread
+    add_host(store, "small", memory_mb=512)  # room for one
+    place(store, project_image, "vm-0")  # loads the cache
+    cache = the_cache(store)
+    assert cache.reserve(big)  # another request thread is claiming on it
+    assert place(store, project_image, "vm-1") == "small"
+    assert place(store, project_image, "vm-2") == "big"  # small is full: big, though in flight
+    assert cache.in_flight() == frozenset({big})  # the other thread's reservation stays
+    cache.release((big,))
+    assert place(store, project_image, "vm-3") == "big"
+    assert cas == [("big", True), ("small", True), ("big", True), ("big", True)]  # none lost
+    assert_consistent(store)
+
+
+def test_concurrent_deciders_of_one_process_never_lose_a_compare_and_set(
+        store: Store, project_image: tuple[int, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight threads placing at once, all wanting the same best host (host_subset_size 1):
+    each passes over the hosts the others are claiming on, and skips those they claimed
+    since it ranked, so no compare-and-set is lost; every host ends as its claims say."""
+    for i in range(6):
+        add_host(store, f"h{i}", memory_mb=16 * 512 + i * 512)
+    lost: list[str] = []
+
+    def counting(session, host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        won = TRY_CLAIM(session, host, *args, **kwargs)
+        if not won:
+            lost.append(host.name)
+        return won
+
+    monkeypatch.setattr(claims, "try_claim", counting)
+    placed: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def decider(k: int) -> None:
+        try:
+            start.wait()
+            for j in range(8):
+                placed.append(place_in_transaction(store, project_image, f"vm-{k}-{j}")[0])
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=decider, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(placed) == 64 and lost == []
+    assert len(set(placed)) == 6  # spread over every host
+    assert the_cache(store).in_flight() == frozenset()
+    assert_consistent(store)
