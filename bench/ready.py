@@ -209,7 +209,7 @@ class ReadyBench:
         net = networks.from_row(SimpleNamespace(**self.network))
         vm = {"id": vm_id, "name": name, "project": "admin", "vcpus": VCPUS,
               "memory_mb": MEMORY_MB, "disk_gb": DISK_GB, "hostname": name, "mac": mac,
-              "network": networks.spec(self.network["name"], net)}
+              "network": networks.spec(self.network["name"], net, self.network["id"])}
         paths = instance_paths(b.host.storage_dir, vm_id)
         paths.dir.mkdir(parents=True)
         b.bare_domains.add(vm_id)

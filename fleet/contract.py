@@ -114,6 +114,8 @@ class NetworkSpec(TypedDict):
     dns: list[str]   # resolvers handed to guests
     dhcp_start: str  # libvirt's DHCP range for nat/isolated ("" for bridge: the LAN's own)
     dhcp_end: str
+    uuid: str        # the fleet network's id, its libvirt network's UUID on every host: tells
+    #                  it apart from an earlier, deleted fleet network of the same name
 
 
 def network_libvirt_name(name: str) -> str:

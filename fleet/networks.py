@@ -212,14 +212,15 @@ def overlaps(cidr: str, other: str) -> bool:
     return ipaddress.IPv4Network(cidr).overlaps(ipaddress.IPv4Network(other))
 
 
-def spec(name: str, d: Definition) -> NetworkSpec:
+def spec(name: str, d: Definition, network_id: str) -> NetworkSpec:
     """What a host needs to realise the network (fleet.contract.NetworkSpec); a bridge's DHCP
-    is the LAN's own, so none is sent for it."""
+    is the LAN's own, so none is sent for it. `network_id` (a UUID) becomes the libvirt
+    network's UUID."""
     bridged = d.mode == "bridge"
     return NetworkSpec(name=name, mode=d.mode, bridge=d.bridge, cidr=d.cidr,
                        gateway=d.gateway, dns=list(d.dns),
                        dhcp_start="" if bridged else d.dhcp_start,
-                       dhcp_end="" if bridged else d.dhcp_end)
+                       dhcp_end="" if bridged else d.dhcp_end, uuid=network_id)
 
 
 def network_config(mac: str, d: Definition | None, static_address: str = "") -> str:

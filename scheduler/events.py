@@ -96,7 +96,7 @@ def build_payload(vm: VM, image: Image, job_id: str, settings: Settings) -> dict
                "user_data": userdata.compose(vm.user_data or "", hostname=vm.name,
                                              ssh_keys=list(vm.ssh_keys or [])),
                "hostname": vm.name, "mac": vm.mac,
-               "network": networks.spec(vm.network.name, net)
+               "network": networks.spec(vm.network.name, net, vm.network.id)
                if net is not None and vm.network is not None else None,
                "network_config": networks.network_config(vm.mac, net, static)},
         "image": {"id": image.id, "sha256": image.sha256, "disk_format": image.disk_format,

@@ -20,9 +20,15 @@ The three modes:
 - ``bridge``: ``<forward mode='bridge'/>`` onto the existing host bridge ``spec.bridge``
   (addressing is the LAN's own).
 
+Each fleet network's libvirt network has the fleet network's id as its UUID: a fleet network
+deleted and made again under the same name is told apart from the earlier one, so a late
+removal of the earlier one leaves the new one alone, and a build finding the earlier one's
+definition (same name and addresses, unused) replaces it with its own.
+
 Must not: talk to libvirt directly (only through :class:`worker.virt.Virt`), redefine or
-remove a network that exists (a mismatch is an error for the operator to resolve), or
-decide which network a VM uses (that is the build payload's).
+remove a network that exists (a mismatch is an error for the operator to resolve; an earlier
+fleet network's, unused, aside), or decide which network a VM uses (that is the build
+payload's).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import ipaddress
 import logging
 import re
 import threading
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any
@@ -104,6 +111,8 @@ def network_xml(spec: NetworkSpec | Mapping[str, Any]) -> str:
     mode = str(spec["mode"])
     root = ET.Element("network")
     ET.SubElement(root, "name").text = network_libvirt_name(str(spec["name"]))
+    if spec.get("uuid"):
+        ET.SubElement(root, "uuid").text = str(uuid.UUID(str(spec["uuid"])))
     if mode == "bridge":
         ET.SubElement(root, "forward", mode="bridge")
         ET.SubElement(root, "bridge", name=str(spec["bridge"]))
@@ -138,15 +147,15 @@ def network_xml(spec: NetworkSpec | Mapping[str, Any]) -> str:
 
 def describe(xml: str) -> dict[str, Any]:
     """What an existing libvirt network definition says, in NetworkSpec terms:
-    ``{mode, bridge, cidr, gateway}`` (mode is libvirt's forward mode when it is not one of
-    ours, e.g. ``route``; cidr and gateway are those of its first address, or "")."""
+    ``{mode, bridge, cidr, gateway, uuid}`` (mode is libvirt's forward mode when it is not
+    one of ours, e.g. ``route``; cidr and gateway are those of its first address, or "")."""
     root = ET.fromstring(xml)
     forward = root.find("forward")
     mode = "isolated" if forward is None else (forward.get("mode") or "nat")
     bridge = root.find("bridge")
     out: dict[str, Any] = {"mode": mode,
                            "bridge": bridge.get("name", "") if bridge is not None else "",
-                           "cidr": "", "gateway": ""}
+                           "cidr": "", "gateway": "", "uuid": root.findtext("uuid") or ""}
     ip = root.find("ip")
     if ip is not None and ip.get("address"):
         mask = ip.get("netmask") or ip.get("prefix") or ("128" if ip.get("family") == "ipv6"
@@ -204,6 +213,16 @@ def ensure_network(virt: Virt, spec: NetworkSpec | Mapping[str, Any]) -> str:
                         "define", f"define failed: libvirt network {name} on this host does "
                                   f"not match fleet network {spec['name']}: {why} (it is not "
                                   "redefined; remove or rename it on the host)")
+                if _earlier(spec, have) and not virt.domains_on_network(name):
+                    # An earlier fleet network of this name, deleted, its removal not here
+                    # yet: ours replaces it, so that removal, when it comes, finds another
+                    # UUID and leaves ours alone.
+                    log.info("libvirt network %s of an earlier fleet network %s is replaced",
+                             name, spec["name"])
+                    virt.remove_network(name)
+                    if not virt.define_network(want):
+                        raise BuildError("define", f"define failed: libvirt network {name} "
+                                                   "was defined again while it was replaced")
             if virt.ensure_network_active(name):
                 log.info("libvirt network %s (fleet network %s, %s) is defined and active",
                          name, spec["name"], spec["mode"])
@@ -212,15 +231,30 @@ def ensure_network(virt: Virt, spec: NetworkSpec | Mapping[str, Any]) -> str:
     return name
 
 
-def remove_fleet_network(virt: Virt, fleet_name: str) -> str:
+def _earlier(spec: NetworkSpec | Mapping[str, Any], xml: str) -> bool:
+    """`xml` defines the libvirt network of another fleet network of that name (its UUID is
+    not the spec's). Unknown (no UUID in the spec) counts as the same."""
+    want = str(spec.get("uuid") or "")
+    return bool(want) and describe(xml)["uuid"] != str(uuid.UUID(want))
+
+
+def remove_fleet_network(virt: Virt, fleet_name: str, network_id: str = "") -> str:
     """Remove this host's libvirt network of a deleted fleet network, unless one of the
-    host's domains still has an interface on it (then it is kept and said so). Returns what
-    happened: ``removed``, ``absent`` or ``kept: used by <domains>``."""
+    host's domains still has an interface on it (then it is kept and said so), or it is
+    another fleet network's: `network_id` (the deleted one's id, its UUID) given and the
+    libvirt network's UUID another (a fleet network of the same name made since). Returns
+    what happened: ``removed``, ``absent``, ``kept: used by <domains>`` or ``kept: a later
+    fleet network``."""
     name = network_libvirt_name(fleet_name)
     try:
         with _lock(name):
-            if virt.network_state(name) is None:
+            have = virt.network_xml(name)
+            if have is None:
                 return "absent"
+            if network_id and _earlier({"uuid": network_id}, have):
+                log.info("libvirt network %s is kept: it realises a later fleet network %s",
+                         name, fleet_name)
+                return "kept: a later fleet network"
             users = virt.domains_on_network(name)
             if users:
                 log.warning("libvirt network %s (deleted fleet network %s) is kept: domains "

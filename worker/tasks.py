@@ -58,7 +58,8 @@ def register(app: Celery, ctx: build.HostContext,
 
     @app.task(name=c.TASK_REMOVE_NETWORK, acks_late=True, ignore_result=True)
     def remove_network(payload: dict[str, Any]) -> None:
-        networks.remove_fleet_network(ctx.virt, str(payload["name"]))
+        networks.remove_fleet_network(ctx.virt, str(payload["name"]),
+                                      str(payload.get("uuid") or ""))
 
     @app.task(name=c.TASK_VM_ACTION, acks_late=True, ignore_result=True)
     def vm_action(payload: dict[str, Any]) -> None:

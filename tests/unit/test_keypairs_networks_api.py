@@ -216,12 +216,14 @@ def test_a_network_in_use_cannot_be_deleted(env: Env) -> None:
     env.call("DELETE", f"/vms/{vm['id']}")
     env.apply(c.EV_DELETED, vm["id"], state="deleted")
     assert not [call for call in env.dispatcher.calls if call[0] == "remove_network"]
+    lab_id = env.call("GET", "/networks/lab").get_json()["id"]
     assert env.call("DELETE", "/networks/lab", who="root").status_code == 204
     # every registered host is asked to remove its libvirt network (it may have realised it)
     with env.store.sessions() as s:
         hosts = sorted(s.scalars(select(Host.name)))
     assert hosts and [(h, p) for kind, h, p in env.dispatcher.calls
-                      if kind == "remove_network"] == [(h, {"name": "lab"}) for h in hosts]
+                      if kind == "remove_network"] == [(h, {"name": "lab", "uuid": lab_id})
+                                                       for h in hosts]
 
 
 # -- VMs with keypairs and networks ---------------------------------------------------------
@@ -240,7 +242,8 @@ def test_vm_with_keypairs_and_a_static_address(env: Env) -> None:
     assert payload["network"] == {"name": "lab", "mode": "nat", "bridge": "",
                                   "cidr": "10.77.0.0/24", "gateway": "10.77.0.1",
                                   "dns": ["10.77.0.1"], "dhcp_start": "10.77.0.128",
-                                  "dhcp_end": "10.77.0.254"}
+                                  "dhcp_end": "10.77.0.254",
+                                  "uuid": env.call("GET", "/networks/lab").get_json()["id"]}
     eth = yaml.safe_load(payload["network_config"])["ethernets"]["eth0"]
     assert eth == {"match": {"macaddress": vm["mac"]}, "set-name": "eth0",
                    "addresses": ["10.77.0.2/24"], "gateway4": "10.77.0.1",

@@ -54,10 +54,11 @@ def test_bridge_needs_its_bridge_and_gateway_and_has_no_dhcp_of_its_own() -> Non
                         dhcp_start="192.168.1.100", dhcp_end="192.168.1.199")
     assert ips(networks.static_pool(d.cidr, d.gateway, d.dhcp_start, d.dhcp_end)) == \
         [("192.168.1.2", "192.168.1.99"), ("192.168.1.200", "192.168.1.254")]
-    spec = networks.spec("lan", d)
+    spec = networks.spec("lan", d, "6f1c2d3e-0000-4000-8000-00000000000a")
     assert spec == {"name": "lan", "mode": "bridge", "bridge": "br-lan.10",
                     "cidr": "192.168.1.0/24", "gateway": "192.168.1.1", "dns": [],
-                    "dhcp_start": "", "dhcp_end": ""}
+                    "dhcp_start": "", "dhcp_end": "",
+                    "uuid": "6f1c2d3e-0000-4000-8000-00000000000a"}
     assert "bridge" in refused("bridge", "bridge", "192.168.1.0/24", gateway="192.168.1.1")
     assert "gateway" in refused("gateway", "bridge", "192.168.1.0/24", bridge="br0")
 

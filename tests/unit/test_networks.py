@@ -105,7 +105,8 @@ def test_bad_specs_are_refused(bad: dict[str, Any]) -> None:
 
 def test_describe_and_mismatch() -> None:
     assert describe(network_xml(spec())) == {"mode": "nat", "bridge": bridge_name("lab"),
-                                             "cidr": "10.77.0.0/24", "gateway": "10.77.0.1"}
+                                             "cidr": "10.77.0.0/24", "gateway": "10.77.0.1",
+                                             "uuid": ""}
     xml = network_xml(spec())
     assert mismatch(spec(), xml) == ""
     assert mismatch(spec(dns=[], dhcp_start="10.77.0.50"), xml) == ""  # not compared
@@ -314,3 +315,48 @@ def test_remove_after_the_fleet_network_is_deleted(virt: Virt, net_name: str) ->
     assert virt.network_state(lv) is None and lv not in virt.network_names()
     assert networks.remove_fleet_network(virt, net_name) == "absent"  # said twice: nothing
     assert virt.network_state("default") is not None  # other networks untouched
+
+
+EARLIER = "11111111-2222-4333-8444-555555555555"
+LATER = "66666666-7777-4888-8999-aaaaaaaaaaaa"
+
+
+def test_the_fleet_networks_id_is_the_libvirt_networks_uuid(virt: Virt, net_name: str) -> None:
+    root = ET.fromstring(network_xml(spec(net_name, uuid=LATER)))
+    assert root.findtext("uuid") == LATER
+    lv = ensure_network(virt, spec(net_name, uuid=LATER))
+    assert networks.describe(virt.network_xml(lv) or "")["uuid"] == LATER
+
+
+def test_a_late_removal_of_an_earlier_network_leaves_the_later_one(virt: Virt,
+                                                                   net_name: str) -> None:
+    """Deleted, made again under the same name, and the first removal reaches the host after
+    a build realised the new one: the new one stays."""
+    lv = ensure_network(virt, spec(net_name, uuid=LATER))
+    assert networks.remove_fleet_network(virt, net_name, EARLIER) == \
+        "kept: a later fleet network"
+    assert virt.network_state(lv)["active"] is True
+    assert networks.remove_fleet_network(virt, net_name, LATER) == "removed"
+    assert virt.network_state(lv) is None
+
+
+def test_a_build_replaces_an_earlier_networks_unused_definition(virt: Virt,
+                                                                net_name: str) -> None:
+    """The earlier network's removal has not come yet: the build defines its own (same name
+    and addresses, its own UUID), so that removal, when it comes, leaves it alone."""
+    import libvirt
+    lv = ensure_network(virt, spec(net_name, uuid=EARLIER))
+    assert ensure_network(virt, spec(net_name, uuid=LATER)) == lv
+    assert networks.describe(virt.network_xml(lv) or "")["uuid"] == LATER
+    assert virt.network_state(lv) == {"active": True, "autostart": True, "persistent": True}
+    assert networks.remove_fleet_network(virt, net_name, EARLIER) == \
+        "kept: a later fleet network"
+    # ... but one a domain still uses is kept as it is (and used)
+    conn = libvirt.open(TEST_URI)
+    dom = conn.defineXML(_domain_on(lv, f"{net_name}-vm"))
+    try:
+        assert ensure_network(virt, spec(net_name, uuid=EARLIER)) == lv
+        assert networks.describe(virt.network_xml(lv) or "")["uuid"] == LATER
+    finally:
+        dom.undefine()
+        conn.close()

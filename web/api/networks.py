@@ -126,13 +126,13 @@ class NetworkByRef(MethodView):
                 s.flush()
             except IntegrityError:
                 raise Conflict(f"network '{net.name}' is still in use") from None
-            name = net.name
+            name, network_id = net.name, net.id
             hosts = list(s.scalars(select(Host.name).order_by(Host.name)))
         # Every host that may have realised it removes its libvirt network (a host that never
         # did finds nothing to do; one that is down gets it from its queue when it is back).
         dispatcher = current_app.extensions["virtfleet.dispatcher"]
         for host in hosts:
             try:
-                dispatcher.remove_network(host, {"name": name})
+                dispatcher.remove_network(host, {"name": name, "uuid": network_id})
             except Exception:  # noqa: BLE001 - the network is deleted; the host keeps a leftover
                 log.exception("could not ask host %s to remove network %s", host, name)
