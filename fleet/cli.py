@@ -20,6 +20,7 @@ import click
 from fleet.config import Settings, load_settings
 from fleet.exceptions import ConfigError
 from fleet.imagecli import image as image_group
+from fleet.vmcli import vm as vm_group
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -42,6 +43,7 @@ def main() -> None:
 
 
 main.add_command(image_group)
+main.add_command(vm_group)
 
 
 @main.group()
