@@ -95,18 +95,37 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_and_sync(path: Path, also: Callable[[], Any] | None = None) -> tuple[str, Any]:
+def hash_and_sync(path: Path, also: Callable[[], Any] | None = None,
+                  timings: dict[str, float] | None = None) -> tuple[str, Any]:
     """sha256 of `path` while the kernel writes it to disk, and `also()` (a check of the
     file) meanwhile: the three overlap (hashing reads the page cache on this thread and
     releases the GIL as it hashes; fsync waits for the disk, `also` for its subprocess, on
-    threads of their own). Returns the sha256 and what `also` returned."""
+    threads of their own). Returns the sha256 and what `also` returned. `timings`, when
+    given, gets ``hash_s`` (the sha256) and ``sync_wait_s`` (then the wait for the rest)."""
+    t0 = time.perf_counter()
     with path.open("rb") as fh, ThreadPoolExecutor(max_workers=2,
                                                    thread_name_prefix="image-hash") as pool:
         synced = pool.submit(os.fsync, fh.fileno())
         checked = pool.submit(also) if also is not None else None
         sha = sha256_of(path)
+        t1 = time.perf_counter()
         synced.result()
-        return sha, checked.result() if checked is not None else None
+        result = checked.result() if checked is not None else None
+    if timings is not None:
+        timings["hash_s"] = t1 - t0
+        timings["sync_wait_s"] = time.perf_counter() - t1
+    return sha, result
+
+
+def _hash_checked_qcow2(path: Path, settings: Settings, timings: dict[str, float],
+                        refused: str = "") -> tuple[str, dict[str, Any]]:
+    """:func:`hash_and_sync` of a qcow2 made on the controller, checked meanwhile by
+    ``qemu-img info`` (refused: ImportFailed, its message after `refused`)."""
+    try:
+        return hash_and_sync(path, lambda: images.check_untrusted(
+            path, "qcow2", settings.max_virtual_bytes), timings)
+    except images.UnsafeImage as exc:
+        raise ImportFailed(f"{refused}{exc}") from None
 
 
 def _publish_file(tmp: Path, sha: str, store_dir: Path, keep: bool = False) -> bool:
@@ -155,15 +174,9 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
     if fmt == "qcow2" and known_sha256:
         return _keep_qcow2(src, known_sha256, store_dir, settings, timings, started_at)
     if fmt == "qcow2":  # a sparse raw upload, converted as it came: checked while hashed
-        t1 = time.perf_counter()
-        try:
-            sha, data = hash_and_sync(src, lambda: images.check_untrusted(
-                src, "qcow2", settings.max_virtual_bytes))
-        except images.UnsafeImage as exc:
-            raise ImportFailed(str(exc)) from None
+        sha, data = _hash_checked_qcow2(src, settings, timings)
         size = src.stat().st_size
         t2 = time.perf_counter()
-        timings["hash_s"] = t2 - t1
         _publish_file(src, sha, store_dir, keep=True)
         timings["publish_s"] = time.perf_counter() - t2
         return Result(sha, size, int(data["virtual-size"]), timings, started_at=started_at)
@@ -181,15 +194,11 @@ def process(src: Path, fmt: str, settings: Settings, known_sha256: str = "") -> 
         images.convert_untrusted(src, "raw", tmp, flush=False)  # synced below, once
         t2 = time.perf_counter()
         timings["convert_s"] = t2 - t1
-        try:
-            sha, out = hash_and_sync(tmp, lambda: images.check_untrusted(
-                tmp, "qcow2", settings.max_virtual_bytes))
-        except images.UnsafeImage as exc:
-            raise ImportFailed(f"the converted image is not right: {exc}") from None
+        sha, out = _hash_checked_qcow2(tmp, settings, timings,
+                                       "the converted image is not right: ")
         if int(out["virtual-size"]) != vsize:
             raise ImportFailed("the converted image has another virtual size")
         t3 = time.perf_counter()
-        timings["hash_s"] = t3 - t2
         size = tmp.stat().st_size
         published = _publish_file(tmp, sha, store_dir)
         timings["publish_s"] = time.perf_counter() - t3

@@ -1272,7 +1272,7 @@ def test_the_job_names_a_file_durably(env: Env, tmp_path: Path,
         timings = {ev.data["image_id"]: set(ev.data["timings"]) for ev in
                    s.scalars(select(Event).where(Event.type == c.EV_IMAGE_ACTIVE))}
     assert timings[qcow2_id] == {"inspect_s", "sync_s", "publish_s"}
-    assert timings[raw_id] == {"inspect_s", "convert_s", "hash_s", "publish_s"}
+    assert timings[raw_id] == {"inspect_s", "convert_s", "hash_s", "sync_wait_s", "publish_s"}
 
 
 def test_an_old_dangling_link_in_imports_is_a_leftover(env: Env, tmp_path: Path) -> None:

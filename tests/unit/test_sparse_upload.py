@@ -141,6 +141,15 @@ def test_a_raw_header_that_names_a_host_file_never_gets_in(env: Env, tmp_path: P
     assert MARKER not in resp.data
 
 
+def test_the_openapi_doc_describes_the_sparse_body(env: Env) -> None:
+    op = env.client.get("/api/v1/openapi.json").get_json()[
+        "paths"]["/api/v1/images/upload"]["post"]
+    assert set(op["requestBody"]["content"]) == {"application/octet-stream",
+                                                 SPARSE_CONTENT_TYPE}
+    assert "8-byte big-endian offset" in op["requestBody"]["description"]
+    assert "virtual_size" in [p["name"] for p in op["parameters"]]
+
+
 @pytest.mark.parametrize("cut", [1, 7, 16, 17, 4096 + 3])
 def test_frames_are_read_the_same_however_the_body_is_cut(cut: int) -> None:
     data = body((0, os.urandom(5000)), (8192, b"x"), (3 * 65536 + 1, os.urandom(70000)))
