@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
@@ -313,6 +313,36 @@ def test_concurrent_single_statement_decisions_take_exactly_the_room(
         return str(rows[i].values["id"])
 
     race_for_the_room(store, host_id, threads, room, decide)
+
+
+def test_single_statement_transactions_keep_their_connection(store: Store) -> None:
+    """PostgreSQL: one connection serves transaction after transaction (a pool checkout and
+    a new Connection per decision cost a twentieth of it), one autocommit for single
+    statements and one for the others; one whose statement failed, or whose transaction was
+    rolled back, is still good and kept; dispose closes them."""
+    if not store.url.startswith("postgresql"):
+        pytest.skip("SQLite writes on its one writer connection under the lock")
+    with store.transaction(single_statement=True) as conn:
+        first = conn.connection.dbapi_connection
+    with store.transaction(single_statement=True) as conn:
+        assert conn.connection.dbapi_connection is first
+    with pytest.raises(DBAPIError), store.transaction(single_statement=True) as conn:
+        conn.execute(text("SELECT 1 / 0"))
+    with store.transaction(single_statement=True) as conn:
+        assert conn.connection.dbapi_connection is first
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    with store.transaction() as conn:  # a transaction of several statements: its own kind
+        other = conn.connection.dbapi_connection
+        assert other is not first and conn.in_transaction()
+    with pytest.raises(RuntimeError), store.transaction() as conn:
+        assert conn.connection.dbapi_connection is other
+        conn.execute(text("CREATE TEMPORARY TABLE t (x int)"))
+        raise RuntimeError("rolled back")
+    with store.transaction() as conn:  # rolled back, kept, clean
+        assert conn.connection.dbapi_connection is other
+        assert conn.execute(text("SELECT to_regclass('pg_temp.t')")).scalar() is None
+    store.dispose()
+    assert first is not None and first.closed and other is not None and other.closed
 
 
 # -- the writer lock across processes ----------------------------------------------------
