@@ -1,16 +1,19 @@
 """A VM submitted through the API boots and reaches `ready`: web, scheduler and worker as
 separate processes over real Redis and libvirtd, the demo guest under QEMU TCG, its ready line
-seen on the serial console, each step's time shown, and nothing left after delete."""
+seen on the serial console, each step's time shown, the same VM through `virtfleet vm`
+(list, console, delete), and nothing left after delete."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
 from bench.cluster import Cluster
 from fleet import contract as c
+from fleet.cli import main
 from fleet.config import load_settings
 from fleet.store.models import Claim
 from fleet.store.session import Store
@@ -78,9 +81,17 @@ def test_vm_boots_through_the_whole_system_and_delete_leaves_nothing(cluster: Cl
         instance_dir = cluster.root / "storage-local" / "instances" / vm["id"]
         assert (instance_dir / "disk.qcow2").exists() and (instance_dir / "seed.iso").exists()
 
-        r = cluster.api.delete(f"/vms/{vm['id']}")
-        assert r.status_code == 202, r.text
-        cluster.api.wait_vm(vm["id"], ("gone",), timeout=60)
+        # The CLI sees what the API sees, and deletes through it.
+        cli = ["--url", cluster.api.base, "--token", cluster.api.token]
+        res = CliRunner().invoke(main, ["vm", "list", *cli])
+        assert res.exit_code == 0, res.output
+        assert res.output.splitlines()[1].split()[:4] == [vm["id"], "e2e-one", "ready", "local"]
+        res = CliRunner().invoke(main, ["vm", "console", "e2e-one", *cli])
+        assert res.exit_code == 0 and "virtfleet-demo: ready" in res.output
+        res = CliRunner().invoke(main, ["vm", "delete", "e2e-one", "--wait", "--timeout", "60",
+                                        *cli])
+        assert res.exit_code == 0, res.output
+        assert res.output.splitlines() == ["e2e-one: deleting", "e2e-one: gone"]
         assert virt.state(vm["id"]) is None
         assert not instance_dir.exists()
         host = cluster.api.get("/hosts/local").json()
