@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from fleet.imageclient import ImageClient, ImageClientError
+from fleet.apiclient import ApiError, table
+from fleet.imageclient import ImageClient
 
 TOKEN_FILE = "admin-token"
 """The admin token `virtfleet up` writes into the state directory."""
@@ -40,7 +41,7 @@ def client(url: str | None, token: str | None) -> ImageClient:
                     "`virtfleet up` keeps its admin token)") from None
     try:
         return ImageClient(url, token)
-    except ImageClientError as exc:
+    except ApiError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -97,7 +98,7 @@ def upload(file: Path, name: str, visibility: str, disk_format: str | None, wait
         found = api.upload(file, name, visibility, disk_format)
         if wait:
             found = api.wait(found)
-    except ImageClientError as exc:
+    except ApiError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(found, indent=2) if as_json else _line(found))
     if wait and found.get("status") != "active":
@@ -112,15 +113,12 @@ def list_images(url: str | None, token: str | None, as_json: bool) -> None:
     """List the images this token's project may use."""
     try:
         found = client(url, token).list()
-    except ImageClientError as exc:
+    except ApiError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
-    rows = [("ID", "NAME", "STATUS", "FORMAT", "VIRTUAL", "VISIBILITY", "PROJECT")]
-    rows += [(i["id"], i["name"], i["status"], i.get("disk_format", ""),
-              _size(i.get("virtual_size_bytes")), i.get("visibility", ""),
-              i.get("project", "")) for i in found]
-    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    click.echo(table([("ID", "NAME", "STATUS", "FORMAT", "VIRTUAL", "VISIBILITY", "PROJECT"),
+                      *((i["id"], i["name"], i["status"], i.get("disk_format", ""),
+                         _size(i.get("virtual_size_bytes")), i.get("visibility", ""),
+                         i.get("project", "")) for i in found)]))
