@@ -6,7 +6,7 @@ so a VM row and its claim are written together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,29 +128,39 @@ class PlacedRow:
         return values
 
 
-_ROW_STATEMENTS: dict[tuple[str, tuple[str, ...], str], FastStatement] = {}
+@dataclass(frozen=True)
+class _RowPlan:
+    """PostgreSQL: the one statement of a claim with a caller's row, and how the row's
+    values become its parameters."""
+
+    statement: FastStatement
+    names: tuple[tuple[str, str], ...]
+    """(row key, parameter) of each value the caller gives (but the host, from the claim)."""
+    made: tuple[tuple[str, Callable[[], Any]], ...]
+    """(parameter, default) of each column the caller does not give whose Python-side
+    default is made per row (an id, a time)."""
 
 
-def _with_defaults(table: Table, values: dict[str, Any]) -> dict[str, Any]:
-    """`values` plus the Python-side default of every column not in it (as Core's INSERT
-    would add them), for an INSERT ... SELECT, which gets no defaults of its own."""
-    out = dict(values)
-    for col in table.columns:
-        default = col.default
-        if col.key in out or default is None:
-            continue
-        if default.is_scalar:
-            out[col.key] = default.arg
-        elif default.is_callable:
-            out[col.key] = default.arg(None)
-    return out
+_ROW_PLANS: dict[tuple[str, tuple[str, ...], str], _RowPlan] = {}
 
 
-def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> FastStatement:
+def _constant(make: Callable[[], Any]) -> bool:
+    """A column default that is the same each time (an empty list or dict made afresh
+    counts): it goes into the statement once, as its own literal parameter."""
+    first, second = make(), make()
+    return first is second or (isinstance(first, dict | list) and not first
+                               and type(first) is type(second) and first == second)
+
+
+def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> _RowPlan:
     """PostgreSQL: compare-and-set, the claim's row and the caller's row (its host from the
-    claim) in one statement; nothing is written unless the UPDATE matched."""
+    claim; `keys`: the columns the caller gives) in one statement; nothing is written unless
+    the UPDATE matched. An INSERT ... SELECT gets no column defaults of its own, so the
+    Python-side ones are added here as Core's INSERT would: constant ones as literal
+    parameters of the statement (put through their type once, not at every claim), the
+    others made for each row."""
     key = (table.name, keys, host_key)
-    done = _ROW_STATEMENTS.get(key)
+    done = _ROW_PLANS.get(key)
     if done is None:
         cas = _CAS.returning(Host.id).cte("cas")
         record = insert(Claim).from_select(
@@ -161,14 +171,32 @@ def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> FastSt
                    bindparam("d", type_=Claim.disk_gb.type),
                    bindparam("claim_at", type_=Claim.created_at.type))
         ).returning(Claim.host_id).cte("record")
-        cols = [k for k in keys if k != host_key]
+        given = [k for k in keys if k != host_key]
+        cols, values = list(given), [bindparam(f"row_{k}", type_=table.c[k].type)
+                                     for k in given]
+        made: list[tuple[str, Callable[[], Any]]] = []
+        for col in table.columns:
+            default = col.default
+            if col.key in keys or col.key == host_key or default is None:
+                continue
+            make = ((lambda v: lambda: v)(default.arg) if default.is_scalar else
+                    (lambda f: lambda: f(None))(default.arg) if default.is_callable else None)
+            if make is None:
+                continue  # a sequence or a SQL expression: left to the database
+            cols.append(col.key)
+            if _constant(make):
+                values.append(bindparam(f"row_{col.key}", value=make(), type_=col.type))
+            else:
+                values.append(bindparam(f"row_{col.key}", type_=col.type))
+                made.append((f"row_{col.key}", make))
         row = insert(table).from_select(
-            [*cols, host_key],
-            select(*[bindparam(f"row_{k}", type_=table.c[k].type) for k in cols],
-                   record.c.host_id)).returning(*table.primary_key.columns)
-        done = _ROW_STATEMENTS[key] = FastStatement(
-            row, ("hid", "gen", "v", "m", "d", "claim_vm", "claim_at",
-                  *(f"row_{k}" for k in cols)))
+            [*cols, host_key], select(*values, record.c.host_id)
+        ).returning(*table.primary_key.columns)
+        statement = FastStatement(row, ("hid", "gen", "v", "m", "d", "claim_vm", "claim_at",
+                                        *(f"row_{k}" for k in given),
+                                        *(name for name, _ in made)))
+        done = _ROW_PLANS[key] = _RowPlan(statement, tuple((k, f"row_{k}") for k in given),
+                                          tuple(made))
     return done
 
 
@@ -195,10 +223,12 @@ def try_claim(session: Session | Connection, host: HostSnapshot, vm_id: str,
         if row is None:
             return _FAST_CAS_AND_RECORD.execute(conn, cas).fetchone() is not None
         assert table is not None
-        full = _with_defaults(table, row)
-        keys = tuple(sorted(full))
-        cas.update({f"row_{k}": v for k, v in full.items() if k != host_key})
-        return _claim_and_row(table, keys, host_key).execute(conn, cas).fetchone() is not None
+        plan = _claim_and_row(table, tuple(row), host_key)
+        for k, name in plan.names:
+            cas[name] = row[k]
+        for name, make in plan.made:
+            cas[name] = make()
+        return plan.statement.execute(conn, cas).fetchone() is not None
     if _FAST_CAS.execute(conn, cas).rowcount != 1:
         return False
     _FAST_RECORD.execute(conn, {"vm_id": vm_id, "host_id": host.id, "vcpus": req.vcpus,

@@ -34,7 +34,8 @@ class _Compiled:
     order: tuple[str, ...] | None
     """Parameter names in the order a positional paramstyle wants them; None: by name."""
     literals: dict[str, Any]
-    """Values of the statement's own parameters (e.g. the 1 of `generation + 1`)."""
+    """Values of the statement's own parameters (e.g. the 1 of `generation + 1`), already
+    through their type's processor (worked out once)."""
     processors: dict[str, Callable[[Any], Any]]
     defaults: dict[str, Callable[[], Any]]
     """INSERT columns the caller does not give, with their Python-side default."""
@@ -87,7 +88,8 @@ class FastStatement:
             if proc is not None:
                 processors[name] = proc
             if not bind.required:
-                literals[name] = bind.effective_value
+                value = bind.effective_value
+                literals[name] = proc(value) if proc is not None else value
         missing = names - set(literals) - set(self.keys) - set(defaults)
         if self.keys and missing:
             raise ValueError(f"FastStatement: no value for {sorted(missing)}")
@@ -115,14 +117,15 @@ class FastStatement:
         c = self.compiled(dialect)
         if not conn.in_transaction():
             conn.begin()
-        values = dict(c.literals)
-        values.update(params)
+        values = dict(c.literals)  # processed already
+        processors = c.processors
+        for key, value in params.items():
+            proc = processors.get(key)
+            values[key] = value if proc is None else proc(value)
         for key, default in c.defaults.items():
-            if key not in values:
-                values[key] = default()
-        for key, proc in c.processors.items():
-            if key in values:
-                values[key] = proc(values[key])
+            if key not in params:
+                proc = processors.get(key)
+                values[key] = default() if proc is None else proc(default())
         for key, value in c.constants.items():
             if key not in values:
                 values[key] = value
