@@ -28,7 +28,8 @@
      converts to qcow2 as they arrive; against ``convert -f raw -O qcow2``;
    - ``raw_path``: that raw disk registered by an admin by its path on the controller;
      against the same convert;
-   - ``raw_upload_whole`` (informational, no target): that raw disk as a plain
+   - ``raw_upload_whole`` (informational, no target; measured after the others, apart:
+     its large page cache would fall on them): that raw disk as a plain
      ``application/octet-stream`` body, every byte of it, holes included, as any HTTP
      client sends a file (:func:`upload_whole`): what a sparse body saves.
 
@@ -545,29 +546,34 @@ def measure_import(work: Path, data_bytes: int, virtual_bytes: int,
             state = c.root / "state"
             events = ImageEvents(c.api)
             seed = 0
-            for key, fmt, how, *_ in IMPORT_CASES:  # first request of each kind
-                seed += 1
-                stamp(files[fmt], fmt, seed)
-                settle(files[fmt], evict=tuple(p for p in files.values() if p != files[fmt]))
-                import_once(c.api, events, files[fmt], f"warmup-{key}".replace("_", "-"),
-                            how)
-                quiet(state, drop_images=True)
-            for i in range(runs):  # interleaved, each side from the same start
-                for key, fmt, how, *_ in IMPORT_CASES:
-                    src = files[fmt]
+            # The cases with a target first, interleaved; the informational ones after them,
+            # apart: what they leave in the page cache must not fall on the others.
+            for phase in ([c for c in IMPORT_CASES if c[4]], [c for c in IMPORT_CASES
+                                                            if not c[4]]):
+                for key, fmt, how, *_ in phase:  # first request of each kind
                     seed += 1
-                    stamp(src, fmt, seed)
-                    others = tuple(p for p in files.values() if p != src)
-                    settle(src, evict=others)
-                    plain[key].append(plain_convert(src, fmt, out))
-                    sizes[key] = out.stat().st_size
-                    drop_file(out)
-                    settle(src, evict=others)
-                    imports[key].append(import_once(c.api, events, src,
-                                                    f"{key}-{i}".replace("_", "-"),
-                                                    how))
+                    stamp(files[fmt], fmt, seed)
+                    settle(files[fmt], evict=tuple(p for p in files.values()
+                                                   if p != files[fmt]))
+                    import_once(c.api, events, files[fmt],
+                                f"warmup-{key}".replace("_", "-"), how)
                     quiet(state, drop_images=True)
-                loads.append(load())
+                for i in range(runs if phase else 0):  # interleaved, from the same start
+                    for key, fmt, how, *_ in phase:
+                        src = files[fmt]
+                        seed += 1
+                        stamp(src, fmt, seed)
+                        others = tuple(p for p in files.values() if p != src)
+                        settle(src, evict=others)
+                        plain[key].append(plain_convert(src, fmt, out))
+                        sizes[key] = out.stat().st_size
+                        drop_file(out)
+                        settle(src, evict=others)
+                        imports[key].append(import_once(c.api, events, src,
+                                                        f"{key}-{i}".replace("_", "-"),
+                                                        how))
+                        quiet(state, drop_images=True)
+                    loads.append(load())
             events.close()
     finally:
         for p in (raw, qcow2, out):
