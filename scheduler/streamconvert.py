@@ -37,8 +37,10 @@ from worker import images
 log = logging.getLogger(__name__)
 
 SEGMENT_DATA = 128 * 1024 * 1024
-"""Bytes of data received between two segments handed to qemu-img (a process start and
-the qcow2's metadata read and written each time: ~20 ms; 8 of them per GiB of data)."""
+"""Bytes of data received between two segments handed to qemu-img (each one a process
+start, and the qcow2's metadata read and written). Measured on the test machine, 1 GiB of
+data: qemu-img ran 1.0-1.4 s in all with 128 MiB segments, 1.5-2.0 s with 64 MiB, 2.2-2.9 s
+with 32 MiB; 256 MiB left up to 0.7 s of converting after the last byte."""
 
 CLUSTER = 64 * 1024
 """Segments start and end on qcow2's (default) cluster boundaries: no cluster is written by
