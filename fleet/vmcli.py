@@ -28,8 +28,7 @@ SETTLED = {"ready": ("ready", "error"), "running": ("running", "ready", "error")
 
 
 def _api(url: str | None, token: str | None) -> ApiClient:
-    creds = _image_client(url, token)  # the same defaults as `virtfleet image`
-    return ApiClient(creds.url, creds.token)
+    return _image_client(url, token)  # an ApiClient, with `virtfleet image`'s defaults
 
 
 def _fail(exc: ApiError) -> click.ClickException:
