@@ -1344,3 +1344,12 @@ def test_https_to_the_checked_address_verifies_the_hosts_name(
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("size", [0, 1, imagejobs.HASH_STEP, 2 * imagejobs.HASH_STEP + 3])
+def test_the_jobs_sha256_is_the_files(tmp_path: Path, size: int) -> None:
+    """The job hashes through a mapping of the file: the same digest as sha256sum's."""
+    path = tmp_path / "f"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert imagejobs.sha256_of(path) == hashlib.sha256(data).hexdigest()
