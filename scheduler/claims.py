@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from fleet.config import Settings
 from fleet.exceptions import NoValidHost
-from fleet.store.fast import FastStatement
+from fleet.store.fast import FastStatement, column_default, is_constant
 from fleet.store.models import VM, Claim, Host, ServerGroup, utcnow
 from scheduler import hostcache
 from scheduler.placement import HostSnapshot, Request, Weigher, default_weighers, rank
@@ -144,14 +144,6 @@ class _RowPlan:
 _ROW_PLANS: dict[tuple[str, tuple[str, ...], str], _RowPlan] = {}
 
 
-def _constant(make: Callable[[], Any]) -> bool:
-    """A column default that is the same each time (an empty list or dict made afresh
-    counts): it goes into the statement once, as its own literal parameter."""
-    first, second = make(), make()
-    return first is second or (isinstance(first, dict | list) and not first
-                               and type(first) is type(second) and first == second)
-
-
 def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> _RowPlan:
     """PostgreSQL: compare-and-set, the claim's row and the caller's row (its host from the
     claim; `keys`: the columns the caller gives) in one statement; nothing is written unless
@@ -176,15 +168,11 @@ def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> _RowPl
                                      for k in given]
         made: list[tuple[str, Callable[[], Any]]] = []
         for col in table.columns:
-            default = col.default
-            if col.key in keys or col.key == host_key or default is None:
-                continue
-            make = ((lambda v: lambda: v)(default.arg) if default.is_scalar else
-                    (lambda f: lambda: f(None))(default.arg) if default.is_callable else None)
+            make = None if col.key in keys or col.key == host_key else column_default(col)
             if make is None:
-                continue  # a sequence or a SQL expression: left to the database
+                continue
             cols.append(col.key)
-            if _constant(make):
+            if is_constant(make):
                 values.append(bindparam(f"row_{col.key}", value=make(), type_=col.type))
             else:
                 values.append(bindparam(f"row_{col.key}", type_=col.type))

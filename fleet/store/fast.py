@@ -28,6 +28,28 @@ _NAMED = re.compile(r"%\((\w+)\)s")
 """A parameter in the pyformat paramstyle (psycopg)."""
 
 
+def column_default(col: Any) -> Callable[[], Any] | None:
+    """What Core's INSERT would put into `col` when given no value: its Python-side default
+    as a function of nothing; None when it has none (or a sequence or SQL expression,
+    left to the database)."""
+    default = col.default
+    if default is None:
+        return None
+    if default.is_scalar:
+        return (lambda v: lambda: v)(default.arg)
+    if default.is_callable:
+        return (lambda f: lambda: f(None))(default.arg)
+    return None
+
+
+def is_constant(make: Callable[[], Any]) -> bool:
+    """A default that gives the same value each time (an empty list or dict made afresh
+    counts): worked out once, not at every row."""
+    first, second = make(), make()
+    return first is second or (isinstance(first, dict | list) and not first
+                               and type(first) is type(second) and first == second)
+
+
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
@@ -64,16 +86,10 @@ class FastStatement:
             table = self.statement.table
             column_keys = list(self.keys)
             for col in table.columns:  # type: ignore[attr-defined]
-                default = col.default
-                if col.key in self.keys or default is None:
-                    continue
-                if default.is_scalar:
-                    defaults[col.key] = (lambda v: lambda: v)(default.arg)
-                elif default.is_callable:
-                    defaults[col.key] = (lambda f: lambda: f(None))(default.arg)
-                else:
-                    continue  # a sequence or a SQL expression: left to the database
-                column_keys.append(col.key)
+                make = None if col.key in self.keys else column_default(col)
+                if make is not None:
+                    defaults[col.key] = make
+                    column_keys.append(col.key)
         compiled = self.statement.compile(dialect=dialect, column_keys=column_keys)
         if compiled.escaped_bind_names:  # type: ignore[attr-defined]
             raise ValueError("FastStatement needs plain parameter names")
@@ -95,11 +111,9 @@ class FastStatement:
             raise ValueError(f"FastStatement: no value for {sorted(missing)}")
         constants: dict[str, Any] = {}
         for key, make in list(defaults.items()):
-            first, second = make(), make()
-            if first is second or (isinstance(first, dict | list) and not first
-                                   and type(first) is type(second) and first == second):
+            if is_constant(make):
                 proc = processors.get(key)
-                constants[key] = proc(first) if proc is not None else first
+                constants[key] = proc(make()) if proc is not None else make()
                 del defaults[key]
         return _Compiled(compiled.string, order, literals, processors, defaults, constants,
                          prepare=dialect.name == "postgresql")
