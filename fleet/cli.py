@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from fleet.apicli import TOKEN_FILE
 from fleet.config import Settings, load_settings
 from fleet.exceptions import ConfigError
 from fleet.imagecli import image as image_group
@@ -258,7 +259,7 @@ def up(ctx: click.Context, demo_image: bool) -> None:
     env = dict(os.environ)
     if not settings.host_token:
         env["VIRTFLEET_HOST_TOKEN"] = _secret_file(settings.state_dir / "host-token")
-    token_file = settings.state_dir / "admin-token"
+    token_file = settings.state_dir / TOKEN_FILE  # where `vm`/`image` look for it
     if not token_file.exists():
         from fleet.store.session import Store
         from web.auth import create_token

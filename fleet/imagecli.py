@@ -1,10 +1,9 @@
 """`virtfleet image`: upload a disk image file to a virtfleet, list its images.
 
 Owns the commands' options and output only; the requests are fleet.imageclient's (a raw
-file goes sparse: its data only). Where to: ``--url``/``--token``, else ``$VIRTFLEET_URL``
-/ ``$VIRTFLEET_TOKEN``, else this machine's virtfleet as ``virtfleet up`` runs it (its
-settings' base URL and the admin token it wrote in the state directory). Every failure
-ends with a one-line message (click.ClickException), never a traceback.
+file goes sparse: its data only); where they go, fleet.apicli says (options, env, this
+machine's `virtfleet up`). Every failure ends with a one-line message
+(click.ClickException), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,34 +14,13 @@ from typing import Any
 
 import click
 
+from fleet.apicli import connect, json_option, token_option, url_option
 from fleet.apiclient import ApiError, table
 from fleet.imageclient import ImageClient
 
-TOKEN_FILE = "admin-token"
-"""The admin token `virtfleet up` writes into the state directory."""
-
 
 def client(url: str | None, token: str | None) -> ImageClient:
-    """The client for these options (or their defaults: see the module's docstring)."""
-    if not url or not token:
-        from fleet.config import load_settings
-        from fleet.exceptions import ConfigError
-        try:
-            settings = load_settings()
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
-        url = url or settings.base_url
-        if not token:
-            try:
-                token = (settings.state_dir / TOKEN_FILE).read_text().strip()
-            except OSError:
-                raise click.ClickException(
-                    "no API token: give --token or set VIRTFLEET_TOKEN (or run this where "
-                    "`virtfleet up` keeps its admin token)") from None
-    try:
-        return ImageClient(url, token)
-    except ApiError as exc:
-        raise click.ClickException(str(exc)) from None
+    return connect(url, token, ImageClient)
 
 
 def _size(n: int | None) -> str:
@@ -57,16 +35,6 @@ def _size(n: int | None) -> str:
 def _line(image: dict[str, Any]) -> str:
     reason = f" ({image['status_reason']})" if image.get("status_reason") else ""
     return f"{image['id']}  {image['name']}  {image['status']}{reason}"
-
-
-url_option = click.option("--url", envvar="VIRTFLEET_URL", default=None,
-                          help="the virtfleet's base URL [env VIRTFLEET_URL; default: this "
-                               "machine's, as `virtfleet up` runs it]")
-token_option = click.option("--token", envvar="VIRTFLEET_TOKEN", default=None,
-                            help="an API token [env VIRTFLEET_TOKEN; default: the admin "
-                                 "token `virtfleet up` wrote]")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="print the server's JSON")
 
 
 @click.group("image")

@@ -3,10 +3,9 @@
 Owns the commands' options and what they print; the requests go through
 fleet.apiclient to the REST API, so a VM made here is made exactly as the web page and the
 API make it (placement, quotas, the 409 that names the filters). A VM is named by its id
-or, within what the token sees, its name. Where to send: ``--url``/``--token``, else
-``$VIRTFLEET_URL``/``$VIRTFLEET_TOKEN``, else this machine's virtfleet as ``virtfleet up``
-runs it. Every failure ends with a one-line message (click.ClickException), never a
-traceback.
+or, within what the token sees, its name. Where to send: fleet.apicli (options, env, this
+machine's `virtfleet up`). Every failure ends with a one-line message
+(click.ClickException), never a traceback.
 
 Must not: judge a request (the server does), or print a token.
 """
@@ -19,16 +18,15 @@ from typing import Any
 
 import click
 
+from fleet.apicli import connect, json_option, token_option, url_option
 from fleet.apiclient import ApiClient, ApiError, segment, table, wait_until
-from fleet.imagecli import client as _image_client
-from fleet.imagecli import json_option, token_option, url_option
 
 SETTLED = {"ready": ("ready", "error"), "running": ("running", "ready", "error")}
 """What --wait waits for: the VM ready (cloud-init finished), or merely running."""
 
 
 def _api(url: str | None, token: str | None) -> ApiClient:
-    return _image_client(url, token)  # an ApiClient, with `virtfleet image`'s defaults
+    return connect(url, token, ApiClient)
 
 
 def _fail(exc: ApiError) -> click.ClickException:
