@@ -285,6 +285,7 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
     counts = {"placed": 0, "refused": 0}
     failures: list[BaseException] = []
     go = threading.Barrier(deciders)
+    lock = threading.Lock()  # guards the shared results above
 
     def decider(share: list[tuple[str, Request]]) -> None:
         """One decider: its share of the plan, one decision after another."""
@@ -311,7 +312,6 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
             counts["placed"] += placed
             counts["refused"] += refused
 
-    lock = threading.Lock()
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as in the API processes (web/server.py)
     with timer.installed():
