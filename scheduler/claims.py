@@ -295,8 +295,7 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
                     passed_over.append(i)
                     continue
                 if not first_pass:
-                    cached.wait_for(cand)
-                    cached.reserve(cand)  # if nobody took it meanwhile (a hint, as ever)
+                    cached.wait_and_reserve(cand)
                 # Checked once reserved: a claim that ended before our reservation was merged
                 # before it ended, so it shows here.
                 if cached.outdated(cand):

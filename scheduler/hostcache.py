@@ -242,11 +242,16 @@ class HostCache:
             self._in_flight.difference_update(host_ids)
             self._in_flight_lock.notify_all()
 
-    def wait_released(self, host_id: int, timeout: float) -> bool:
-        """Wait (at most `timeout` s) until no claim on `host_id` is in flight."""
+    def wait_and_reserve(self, host_id: int, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until no claim on `host_id` is in flight, then mark
+        ours, in one step: of several waiters, the one that gets it is the only one that
+        goes on sure of it. False when the time ran out (the host stays another's)."""
         with self._in_flight_lock:
-            return self._in_flight_lock.wait_for(lambda: host_id not in self._in_flight,
-                                                 timeout)
+            if not self._in_flight_lock.wait_for(lambda: host_id not in self._in_flight,
+                                                 timeout):
+                return False
+            self._in_flight.add(host_id)
+            return True
 
     def in_flight(self) -> frozenset[int]:
         """Hosts with a claim in flight (for tests)."""
@@ -302,8 +307,10 @@ class HostCache:
                     self._image_texts = decode.image_texts
                     self.full_reloads += 1
             with self._lock:
-                if self._table is not old and table is not old and old is not None:
+                if self._table is not old and old is not None:
                     # Claims merged while we read: keep those that are newer than our read.
+                    # (Also when our read found nothing new and gave `old` back: that read
+                    # may predate a claim merged since.)
                     table = overlay(table, {h.id: h for h in self._table or ()
                                             if h.generation > old_generation(old, h.id)})
                 self._table = table
@@ -462,12 +469,18 @@ class SessionHosts:
         self.reserved.add(host.id)
         return True
 
-    def wait_for(self, host: HostSnapshot) -> None:
-        """Wait (briefly) for another transaction's claim in flight on `host` to end, so
-        that `outdated` can tell whether it took the host. Not for long: it may be a long
-        transaction (or one waiting for a host we reserved)."""
-        if host.id not in self.reserved:
-            self.cache.wait_released(host.id, IN_FLIGHT_WAIT)
+    def wait_and_reserve(self, host: HostSnapshot) -> bool:
+        """Wait (briefly) for another transaction's claim in flight on `host` to end, then
+        reserve it, so that `outdated` can tell whether that claim took the host. Not for
+        long: it may be a long transaction (or one waiting for a host we reserved). False
+        when the wait ran out: the host is tried anyway, unreserved (the compare-and-set
+        decides, as ever)."""
+        if host.id in self.reserved:
+            return True
+        if not self.cache.wait_and_reserve(host.id, IN_FLIGHT_WAIT):
+            return False
+        self.reserved.add(host.id)
+        return True
 
     def outdated(self, host: HostSnapshot) -> bool:
         """The shared table has moved past `host` (another transaction's claim on it was

@@ -254,6 +254,29 @@ def test_a_commit_merges_the_claim_into_the_shared_copy(
     assert (fresh.generation, fresh.used_memory_mb) == (1, 512)
 
 
+def test_a_claim_merged_during_a_reload_that_found_nothing_new_is_kept(
+        store: Store, project_image: tuple[int, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload reads the hosts, finds nothing changed, and is about to hand back the table
+    it had; meanwhile a claim commits and is merged. The reload must not put the older
+    table back: the next decider would try the claimed host at its old generation."""
+    add_host(store, "h1", memory_mb=4096)
+    place(store, project_image, "vm-1")
+    cache = the_cache(store)
+    cache.reload(SETTINGS)  # a table as read, so the next refresh finds nothing new
+    refresh = cache._refresh
+
+    def claim_after_the_read(conn, table, settings):  # type: ignore[no-untyped-def]
+        found = refresh(conn, table, settings)
+        assert found is table  # nothing new when it read
+        place(store, project_image, "vm-2")  # commits and merges, the reload still running
+        return found
+
+    monkeypatch.setattr(cache, "_refresh", claim_after_the_read)
+    cache.reload(SETTINGS)
+    assert host_row(store, "h1").generation == 2
+    assert cache.current()[0].generation == 2
+
+
 def test_ttl_zero_turns_the_cache_off(store: Store, project_image: tuple[int, str]) -> None:
     off = dataclasses.replace(SETTINGS, host_cache_ttl=0.0)
     add_host(store, "small", memory_mb=4096)
@@ -447,6 +470,9 @@ def test_concurrent_deciders_of_one_process_never_lose_a_compare_and_set(
         return won
 
     monkeypatch.setattr(claims, "try_claim", counting)
+    # Waits for a claim in flight are cut short (0.1 s) in service, where a loaded machine
+    # may well take longer; here the mechanism is under test, not this machine's speed.
+    monkeypatch.setattr(hostcache, "IN_FLIGHT_WAIT", 60.0)
     placed: list[str] = []
     errors: list[BaseException] = []
     start = threading.Barrier(8)
