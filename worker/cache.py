@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,7 +85,9 @@ def base_virtual_size(base: Path) -> int:
         return int(memo.read_text())
     except (OSError, ValueError):
         size = images.virtual_size(base, "qcow2")
-        tmp = memo.with_suffix(f".size.{os.getpid()}")
+        # Unique per thread too: a worker's builds are threads of one process, and several
+        # starting on a new base at once each write the memo.
+        tmp = memo.with_suffix(f".size.{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(str(size))
         os.replace(tmp, memo)
         return size

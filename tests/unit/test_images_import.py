@@ -823,6 +823,40 @@ def make_overlay(storage: Path, vm: str, base: Path, name: str = "disk.qcow2") -
 
 
 @needs_qemu_img
+def test_builds_reading_a_new_bases_size_at_once_all_get_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's builds are threads of one process: several starting on a base just
+    fetched each read its size and write the memo; none may fail for another's write."""
+    base = tmp_path / "base.qcow2"
+    images.create_empty_qcow2(base, 3 * MIB)
+    read = images.virtual_size
+    start = threading.Barrier(6)
+
+    def slow_read(path: Path, fmt: str) -> int:
+        size = read(path, fmt)
+        time.sleep(0.05)  # all six have read before any writes the memo
+        return size
+
+    monkeypatch.setattr(images, "virtual_size", slow_read)
+    sizes: list[int] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            start.wait()
+            sizes.append(cache.base_virtual_size(base))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sizes == [3 * MIB] * 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.qcow2", "base.size"]
+
+
 def test_gc_removes_unused_bases_least_recently_used_first_until_under_the_limit(
         tmp_path: Path) -> None:
     storage = tmp_path / "storage"
