@@ -2,8 +2,9 @@
 transaction.
 
 Owns compiling a Core statement once per dialect (its SQL text, the order of its parameters,
-the type processors of each one, the values of literal parameters and, for an INSERT, the
-Python-side defaults of the columns not given) and running it on the DB-API connection under
+the type processors of each one, the values of literal parameters, written into the SQL
+where the paramstyle names parameters (PostgreSQL), and, for an INSERT, the Python-side
+defaults of the columns not given) and running it on the DB-API connection under
 a SQLAlchemy `Connection`. SQLAlchemy's per-execution work (cache key, execution context,
 result wrapping) takes tens of microseconds a statement, more than SQLite takes to run one;
 for the statements of a placement decision it was most of the decision. Same SQL, same
@@ -15,12 +16,13 @@ types: callers get the driver's cursor (rowcount, fetchone).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Insert, exc
+from sqlalchemy import JSON, Connection, Insert, String, exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.expression import Executable
 
@@ -50,6 +52,22 @@ def is_constant(make: Callable[[], Any]) -> bool:
                                and type(first) is type(second) and first == second)
 
 
+def _literal(impl: Any, dialect: Dialect, value: Any) -> str | None:
+    """`value` as an SQL literal of type `impl` (None: leave it a parameter). Only plain
+    values whose rendering SQLAlchemy owns: integers, strings, JSON documents."""
+    if value is None or isinstance(value, bool) or not isinstance(
+            value, int | str | list | dict):
+        return None
+    if isinstance(impl, JSON):  # no literal rendering of its own: JSON text, quoted
+        serialize = getattr(dialect, "_json_serializer", None) or json.dumps
+        value, impl = serialize(value), String()
+    try:
+        render = impl.literal_processor(dialect)
+    except NotImplementedError:
+        return None
+    return None if render is None else str(render(value))
+
+
 @dataclass(frozen=True)
 class _Compiled:
     sql: str
@@ -57,7 +75,8 @@ class _Compiled:
     """Parameter names in the order a positional paramstyle wants them; None: by name."""
     literals: dict[str, Any]
     """Values of the statement's own parameters (e.g. the 1 of `generation + 1`), already
-    through their type's processor (worked out once)."""
+    through their type's processor (worked out once); those written into `sql` are not
+    here."""
     processors: dict[str, Callable[[Any], Any]]
     defaults: dict[str, Callable[[], Any]]
     """INSERT columns the caller does not give, with their Python-side default."""
@@ -97,10 +116,20 @@ class FastStatement:
         names = set(order) if order is not None else set(_NAMED.findall(compiled.string))
         processors: dict[str, Callable[[Any], Any]] = {}
         literals: dict[str, Any] = {}
+        sql = compiled.string
         for name, bind in compiled.binds.items():  # type: ignore[attr-defined]
             if name not in names:
                 continue  # an anonymous parameter's other key
-            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            impl = bind.type.dialect_impl(dialect)
+            if not bind.required and order is None:
+                text = _literal(impl, dialect, bind.effective_value)
+                if text is not None:
+                    # Written into the SQL once: the driver does not adapt it at each run.
+                    # (The dialect's rendering already doubles % for the paramstyle.)
+                    sql = sql.replace(f"%({name})s", text)
+                    names.discard(name)
+                    continue
+            proc = impl.bind_processor(dialect)
             if proc is not None:
                 processors[name] = proc
             if not bind.required:
@@ -115,7 +144,7 @@ class FastStatement:
                 proc = processors.get(key)
                 constants[key] = proc(make()) if proc is not None else make()
                 del defaults[key]
-        return _Compiled(compiled.string, order, literals, processors, defaults, constants,
+        return _Compiled(sql, order, literals, processors, defaults, constants,
                          prepare=dialect.name == "postgresql")
 
     def compiled(self, dialect: Dialect) -> _Compiled:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from fleet.config import Settings
@@ -94,6 +94,22 @@ def test_a_fast_insert_writes_what_core_writes(store: Store,
         vm = s.get(VM, fast["id"])
         assert vm is not None and vm.alternates == ["b", "c"] and vm.constraints == {"zone": "a"}
         assert isinstance(vm.created_at, datetime) and vm.user_data == "" and vm.attempts == 0
+
+
+def test_a_fast_statements_own_values_are_written_as_given(
+        store: Store, project_image: tuple[int, str]) -> None:
+    """Values of the statement itself (on PostgreSQL written into its SQL once) come out
+    as given, quotes, percent signs and JSON included."""
+    values = vm_values(project_image, "one")
+    given = {"state_reason": "it's 100% done; %(x)s", "attempts": 3,
+             "addresses": [{"ip": "10.0.0.2", "note": "50% 'off'"}], "static_address": ""}
+    set_them = FastStatement(update(VM).where(VM.id == bindparam("vid")).values(**given),
+                             ("vid",))
+    with store.transaction() as conn:
+        FAST_VM.execute(conn, values)
+        assert set_them.execute(conn, {"vid": values["id"]}).rowcount == 1
+    row = row_of(store, str(values["id"]))
+    assert {k: row[k] for k in given} == given
 
 
 def test_a_fast_statement_fails_as_sqlalchemy_does_and_the_transaction_is_undone(
@@ -275,6 +291,12 @@ def test_a_placed_row_is_written_with_its_claim(store: Store,
     with store.transaction(single_statement=True) as conn:
         placed = claims.claim(conn, str(row.values["id"]), REQ, SETTINGS, row=row)
     assert placed.host.name == "a" and placed.alternates == ["b"]
+    # Every column as Core's INSERT of the same values writes it (the defaults the claim's
+    # statement fills in itself, some written into its SQL, included).
+    core = {**vm_values(project_image, "core", placed.host.id), "alternates": ["b"]}
+    with store.transaction() as conn:
+        conn.execute(insert(VM), core)
+    assert row_of(store, str(row.values["id"])) == row_of(store, str(core["id"]))
     with store.sessions() as s:
         vm = s.get(VM, row.values["id"])
         assert vm is not None and vm.host_id == placed.host.id and vm.alternates == ["b"]
