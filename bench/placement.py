@@ -24,6 +24,7 @@ VM. Must not touch any other database or schema; a benchmark reports, it does no
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import sys
@@ -77,7 +78,10 @@ class Result:
     hosts: int
     decisions: int
     deciders: int = 1
-    """Threads of this process deciding at once."""
+    """Threads deciding at once in each deciding process."""
+    processes: int = 1
+    """Processes deciding at once (each its own store connections and host cache, as
+    several API processes or controllers sharing PostgreSQL have)."""
     placed: int = 0
     refused: int = 0
     seconds: float = 0.0
@@ -89,7 +93,8 @@ class Result:
     breakdown_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per phase of a decision: mean, p50 and p99 in ms."""
     cpu_ms: float = 0.0
-    """This process's CPU time per decision (wall time on an idle core, for SQLite)."""
+    """The deciding processes' CPU time per decision (wall time on an idle core, for
+    SQLite)."""
     load: str = ""
     """The machine's load averages when the run ended (the figures depend on it)."""
     lost_cas: int = 0
@@ -263,33 +268,39 @@ def verify(store: Store, settings: Settings, result: Result) -> None:
                                           f"{sum(x[3] for x in sums.values())} claims")
 
 
-def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
-            settings: Settings, deciders: int = 1) -> Result:
-    """`n_decisions` on `n_hosts` fresh hosts by `deciders` threads of this process at once
-    (as the web's request threads decide), each taking every deciders-th request."""
-    rng = random.Random(SEED)
-    result = Result(db=db, hosts=n_hosts, decisions=n_decisions, deciders=deciders)
-    project_id, image_id, sha = populate(store, n_hosts, rng)
-    hostcache.reset()
-    plan = []
-    for i in range(n_decisions):
-        roll = rng.random()
-        constraints = ({"zone": rng.choice(ZONES)} if roll < 0.2
-                       else {"zone": rng.choice(ZONES), "disk": "ssd"} if roll < 0.25 else {})
-        vcpus, memory_mb, disk_gb = rng.choice(FLAVORS)
-        plan.append((f"vm-{i:06d}", Request(vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb,
-                                            image_sha256=sha, constraints=constraints)))
-    latencies: list[float] = []
-    phases: dict[str, list[float]] = {p: [] for p in (*PHASES, "other")}
+@dataclass
+class Part:
+    """What the deciders of one process measured."""
+
+    latencies: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    placed: int = 0
+    refused: int = 0
+    lost: int = 0
+    started: float = 0.0
+    """time.perf_counter() when the deciders set off (CLOCK_MONOTONIC: one clock for
+    every process of the machine)."""
+    ended: float = 0.0
+    cpu_s: float = 0.0
+    reloads: int = 0
+    full_reloads: int = 0
+
+
+def run_deciders(store: Store, settings: Settings, project_id: int, image_id: str,
+                 plan: Sequence[tuple[str, Request]], deciders: int,
+                 ready: Any = None) -> Part:
+    """`plan` decided by `deciders` threads of this process at once (as the web's request
+    threads decide), each taking every deciders-th request. `ready` (a barrier shared with
+    other processes) is passed before the clock starts."""
+    part = Part(phases={p: [] for p in (*PHASES, "other")})
     timer = Timer()
-    counts = {"placed": 0, "refused": 0}
     failures: list[BaseException] = []
     go = threading.Barrier(deciders)
-    lock = threading.Lock()  # guards the shared results above
+    lock = threading.Lock()  # guards `part` while the deciders add to it
 
-    def decider(share: list[tuple[str, Request]]) -> None:
+    def decider(share: Sequence[tuple[str, Request]]) -> None:
         """One decider: its share of the plan, one decision after another."""
-        mine: dict[str, list[float]] = {p: [] for p in phases}
+        mine: dict[str, list[float]] = {p: [] for p in part.phases}
         lat: list[float] = []
         placed = refused = 0
         try:
@@ -306,12 +317,13 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
             failures.append(exc)
             go.abort()
         with lock:
-            latencies.extend(lat)
+            part.latencies.extend(lat)
             for phase, values in mine.items():
-                phases[phase].extend(values)
-            counts["placed"] += placed
-            counts["refused"] += refused
+                part.phases[phase].extend(values)
+            part.placed += placed
+            part.refused += refused
 
+    hostcache.reset()
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as in the API processes (web/server.py)
     with timer.installed():
@@ -319,28 +331,114 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
                                     name=f"decider-{k}") for k in range(1, deciders)]
         for t in threads:
             t.start()
-        started, cpu = time.perf_counter(), time.process_time()
+        if ready is not None:
+            ready.wait()
+        part.started, cpu = time.perf_counter(), time.process_time()
         decider(plan[0::deciders])
         for t in threads:
             t.join()
-        result.seconds = time.perf_counter() - started
-        result.cpu_ms = (time.process_time() - cpu) * 1000.0 / max(n_decisions, 1)
+        part.ended = time.perf_counter()
+        part.cpu_s = time.process_time() - cpu
     sys.setswitchinterval(switch)
     if failures:
         raise failures[0]
-    result.placed, result.refused = counts["placed"], counts["refused"]
+    part.lost = timer.lost
+    part.reloads = sum(c.reloads for c in hostcache.caches())
+    part.full_reloads = sum(c.full_reloads for c in hostcache.caches())
+    hostcache.reset()
+    return part
+
+
+def _process(url: str, settings: Settings, project_id: int, image_id: str,
+             plan: Sequence[tuple[str, Request]], deciders: int, ready: Any,
+             out: Any) -> None:
+    """One deciding process (forked): its own store and host cache, as another API process
+    or controller would have; sends back its Part, or the error it met."""
+    store = Store(url)
+    try:
+        out.send(run_deciders(store, settings, project_id, image_id, plan, deciders, ready))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        ready.abort()
+        out.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        store.dispose()
+        out.close()
+
+
+def run_processes(store: Store, settings: Settings, project_id: int, image_id: str,
+                  plan: Sequence[tuple[str, Request]], deciders: int,
+                  processes: int) -> list[Part]:
+    """`plan` shared out over `processes` forked processes deciding at once, each with its
+    own store connections and host cache (they learn of each other's claims from the store
+    only: by a lost compare-and-set, or at their cache's refresh)."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Barrier(processes)
+    store.dispose()  # no connection is shared with the children
+    hostcache.reset()
+    children = []
+    for p in range(processes):
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_process, name=f"decider-process-{p}", args=(
+            store.url, settings, project_id, image_id, plan[p::processes], deciders, ready,
+            send))
+        proc.start()
+        send.close()
+        children.append((proc, receive))
+    parts: list[Part] = []
+    errors: list[str] = []
+    for proc, receive in children:
+        try:
+            got = receive.recv()
+        except EOFError:
+            got = f"a deciding process ended without a result (exit {proc.exitcode})"
+        proc.join()
+        receive.close()
+        if isinstance(got, Part):
+            parts.append(got)
+        else:
+            errors.append(str(got))
+    if errors:
+        raise RuntimeError(errors[0])
+    return parts
+
+
+def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
+            settings: Settings, deciders: int = 1, processes: int = 1) -> Result:
+    """`n_decisions` on `n_hosts` fresh hosts by `deciders` threads in each of `processes`
+    processes, all at once."""
+    rng = random.Random(SEED)
+    result = Result(db=db, hosts=n_hosts, decisions=n_decisions, deciders=deciders,
+                    processes=processes)
+    project_id, image_id, sha = populate(store, n_hosts, rng)
+    plan = []
+    for i in range(n_decisions):
+        roll = rng.random()
+        constraints = ({"zone": rng.choice(ZONES)} if roll < 0.2
+                       else {"zone": rng.choice(ZONES), "disk": "ssd"} if roll < 0.25 else {})
+        vcpus, memory_mb, disk_gb = rng.choice(FLAVORS)
+        plan.append((f"vm-{i:06d}", Request(vcpus=vcpus, memory_mb=memory_mb, disk_gb=disk_gb,
+                                            image_sha256=sha, constraints=constraints)))
+    if processes == 1:
+        parts = [run_deciders(store, settings, project_id, image_id, plan, deciders)]
+    else:
+        parts = run_processes(store, settings, project_id, image_id, plan, deciders,
+                              processes)
+    result.seconds = max(p.ended for p in parts) - min(p.started for p in parts)
+    result.cpu_ms = sum(p.cpu_s for p in parts) * 1000.0 / max(n_decisions, 1)
+    result.placed = sum(p.placed for p in parts)
+    result.refused = sum(p.refused for p in parts)
     result.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    result.lost_cas = timer.lost
-    for phase, values in phases.items():
+    result.lost_cas = sum(p.lost for p in parts)
+    for phase in (*PHASES, "other"):
+        values = [v for p in parts for v in p.phases.get(phase, ())]
         if values:
             ms = [v * 1000.0 for v in values]
             result.breakdown_ms[phase] = {"mean": sum(ms) / len(ms), "p50": percentile(ms, 50),
                                           "p99": percentile(ms, 99)}
-    result.cache_reloads = sum(c.reloads for c in hostcache.caches())
-    result.cache_full_reloads = sum(c.full_reloads for c in hostcache.caches())
-    hostcache.reset()
+    result.cache_reloads = sum(p.reloads for p in parts)
+    result.cache_full_reloads = sum(p.full_reloads for p in parts)
     result.per_second = n_decisions / result.seconds if result.seconds else 0.0
-    ms = [x * 1000.0 for x in latencies]
+    ms = [x * 1000.0 for p in parts for x in p.latencies]
     result.p50_ms, result.p95_ms = percentile(ms, 50), percentile(ms, 95)
     result.p99_ms, result.max_ms = percentile(ms, 99), max(ms, default=0.0)
     verify(store, settings, result)
@@ -360,13 +458,14 @@ def report(results: Sequence[Result], settings: Settings) -> str:
             lines.append(f"{r.db:<10} ERROR {r.error}")
             continue
         lines.append(
-            f"{r.db:<10} hosts={r.hosts} decisions={r.decisions} deciders={r.deciders} "
+            f"{r.db:<10} hosts={r.hosts} decisions={r.decisions} processes={r.processes} "
+            f"deciders={r.deciders} "
             f"placed={r.placed} "
             f"refused={r.refused} in {r.seconds:.2f}s: {r.per_second:.0f} decisions/s; "
             f"latency ms p50 {r.p50_ms:.2f} p95 {r.p95_ms:.2f} p99 {r.p99_ms:.2f} "
             f"max {r.max_ms:.2f}; host cache reloads {r.cache_reloads} "
             f"({r.cache_full_reloads} in full); lost compare-and-sets {r.lost_cas}")
-        lines.append(f"{'':<10} this process's CPU per decision {r.cpu_ms:.3f} ms; "
+        lines.append(f"{'':<10} deciding processes' CPU per decision {r.cpu_ms:.3f} ms; "
                      f"load average {r.load} on {os.cpu_count()} CPUs")
         if r.breakdown_ms:
             lines.append(f"{'':<10} ms per decision, mean/p99: " + "; ".join(
@@ -384,7 +483,7 @@ def report(results: Sequence[Result], settings: Settings) -> str:
 
 def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str | None = None,
          as_json: bool = False, strict: bool = False, host_cache_ttl: float | None = None,
-         deciders: int = 1) -> int:
+         deciders: int = 1, processes: int = 1) -> int:
     settings = Settings(host_name="bench")
     if host_cache_ttl is not None:
         settings = Settings(host_name="bench", host_cache_ttl=host_cache_ttl)
@@ -394,11 +493,13 @@ def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str
         try:
             if name == "sqlite":
                 with sqlite_store() as store:
-                    results.append(run_one(name, store, hosts, decisions, settings, deciders))
+                    results.append(run_one(name, store, hosts, decisions, settings, deciders,
+                                           processes))
             else:
                 url = pg_url or os.environ.get(PG_ENV) or DEFAULT_PG_URL
                 with postgres_store(url) as store:
-                    results.append(run_one(name, store, hosts, decisions, settings, deciders))
+                    results.append(run_one(name, store, hosts, decisions, settings, deciders,
+                                           processes))
         except Exception as exc:  # noqa: BLE001 - reported, the other database still runs
             results.append(Result(db=name, hosts=hosts, decisions=decisions,
                                   error=f"{type(exc).__name__}: {exc}"))

@@ -161,17 +161,21 @@ def bench_burst(requests_total: int, room: int, hosts_nice: int, as_json: bool,
 @click.option("--host-cache-ttl", type=float, default=None,
               help="override host_cache_ttl (0: no host cache)")
 @click.option("--deciders", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="threads deciding at once (as an API process's request threads do)")
+              help="threads deciding at once in each process (as an API process's request "
+                   "threads do)")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="processes deciding at once, each with its own connections and host cache "
+                   "(as API processes or controllers sharing one database do)")
 @click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
 @click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
 def bench_placement(hosts: int, decisions: int, db: str, pg_url: str | None,
-                    host_cache_ttl: float | None, deciders: int, as_json: bool,
-                    strict: bool) -> None:
+                    host_cache_ttl: float | None, deciders: int, processes: int,
+                    as_json: bool, strict: bool) -> None:
     """Placement decisions per second (each one transaction with its claim), per database."""
     from bench.placement import main as run_placement
     sys.exit(run_placement(hosts=hosts, decisions=decisions, db=db, pg_url=pg_url,
                            as_json=as_json, strict=strict, host_cache_ttl=host_cache_ttl,
-                           deciders=deciders))
+                           deciders=deciders, processes=processes))
 
 
 @bench.command("images")
