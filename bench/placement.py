@@ -23,6 +23,7 @@ VM. Must not touch any other database or schema; a benchmark reports, it does no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -452,6 +453,7 @@ def report(results: Sequence[Result], settings: Settings) -> str:
              f"cache + compare-and-set + claim row + VM row, committed; PostgreSQL: one "
              f"statement, one round trip); "
              f"host_cache_ttl={settings.host_cache_ttl:g}s; "
+             f"host_subset_size={settings.host_subset_size}; "
              f"targets >= {TARGET_PER_SECOND:.0f}/s, p99 <= {TARGET_P99_MS:g} ms"]
     for r in results:
         if r.error:
@@ -483,10 +485,10 @@ def report(results: Sequence[Result], settings: Settings) -> str:
 
 def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str | None = None,
          as_json: bool = False, strict: bool = False, host_cache_ttl: float | None = None,
-         deciders: int = 1, processes: int = 1) -> int:
-    settings = Settings(host_name="bench")
+         deciders: int = 1, processes: int = 1, host_subset_size: int = 1) -> int:
+    settings = Settings(host_name="bench", host_subset_size=host_subset_size)
     if host_cache_ttl is not None:
-        settings = Settings(host_name="bench", host_cache_ttl=host_cache_ttl)
+        settings = dataclasses.replace(settings, host_cache_ttl=host_cache_ttl)
     dbs = ("sqlite", "postgresql") if db == "both" else (db,)
     results: list[Result] = []
     for name in dbs:
@@ -507,6 +509,7 @@ def main(hosts: int = 1000, decisions: int = 3000, db: str = "both", pg_url: str
         print(json.dumps({"targets": {"per_second": TARGET_PER_SECOND,
                                       "p99_ms": TARGET_P99_MS},
                           "host_cache_ttl": settings.host_cache_ttl,
+                          "host_subset_size": settings.host_subset_size,
                           "results": [asdict(r) for r in results]}, indent=2))
     else:
         print(report(results, settings))

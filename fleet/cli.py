@@ -166,16 +166,20 @@ def bench_burst(requests_total: int, room: int, hosts_nice: int, as_json: bool,
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 16),
               help="processes deciding at once, each with its own connections and host cache "
                    "(as API processes or controllers sharing one database do)")
+@click.option("--host-subset-size", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="each decision picks at random among the best N hosts (the setting "
+                   "host_subset_size: fewer collisions between deciding processes)")
 @click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
 @click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
 def bench_placement(hosts: int, decisions: int, db: str, pg_url: str | None,
                     host_cache_ttl: float | None, deciders: int, processes: int,
-                    as_json: bool, strict: bool) -> None:
+                    host_subset_size: int, as_json: bool, strict: bool) -> None:
     """Placement decisions per second (each one transaction with its claim), per database."""
     from bench.placement import main as run_placement
     sys.exit(run_placement(hosts=hosts, decisions=decisions, db=db, pg_url=pg_url,
                            as_json=as_json, strict=strict, host_cache_ttl=host_cache_ttl,
-                           deciders=deciders, processes=processes))
+                           deciders=deciders, processes=processes,
+                           host_subset_size=host_subset_size))
 
 
 @bench.command("images")
