@@ -29,6 +29,13 @@ from sqlalchemy.sql.expression import Executable
 _NAMED = re.compile(r"%\((\w+)\)s")
 """A parameter in the pyformat paramstyle (psycopg)."""
 
+_TOKENS = re.compile(r"%%|%\((\w+)\)s")
+"""A pyformat parameter, or an escaped % (left alone)."""
+
+_CURSOR = "virtfleet.fast.cursor"
+"""Where a DB-API connection's `info` keeps the cursor FastStatements run on (PostgreSQL):
+a new cursor for each statement costs more than adapting its parameters."""
+
 
 def column_default(col: Any) -> Callable[[], Any] | None:
     """What Core's INSERT would put into `col` when given no value: its Python-side default
@@ -135,6 +142,19 @@ class FastStatement:
             if not bind.required:
                 value = bind.effective_value
                 literals[name] = proc(value) if proc is not None else value
+        if order is None and dialect.name == "postgresql":
+            # Positional (%s, values in a tuple): psycopg adapts them for less than a
+            # mapping by name. A name used twice is given twice.
+            positions: list[str] = []
+
+            def positional(m: re.Match[str]) -> str:
+                if m.group(1) is None:
+                    return m.group(0)
+                positions.append(m.group(1))
+                return "%s"
+
+            sql = _TOKENS.sub(positional, sql)
+            order = tuple(positions)
         missing = names - set(literals) - set(self.keys) - set(defaults)
         if self.keys and missing:
             raise ValueError(f"FastStatement: no value for {sorted(missing)}")
@@ -177,7 +197,11 @@ class FastStatement:
         assert driver is not None
         try:
             if c.prepare:
-                return driver.execute(c.sql, args, prepare=True)
+                info = conn.connection.info  # cleared when the connection is closed
+                cursor = info.get(_CURSOR)
+                if cursor is None or cursor.closed or cursor.connection is not driver:
+                    cursor = info[_CURSOR] = driver.cursor()
+                return cursor.execute(c.sql, args, prepare=True)
             return driver.execute(c.sql, args)
         except dialect.loaded_dbapi.Error as err:
             gone = dialect.is_disconnect(err, conn.connection.dbapi_connection, None)

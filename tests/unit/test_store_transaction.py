@@ -123,6 +123,25 @@ def test_a_fast_statement_fails_as_sqlalchemy_does_and_the_transaction_is_undone
         assert s.scalars(select(VM.name)).all() == []
 
 
+def test_a_connection_goes_on_after_a_fast_statement_failed_on_it(
+        store: Store, project_image: tuple[int, str]) -> None:
+    """The failed statement's connection (and on PostgreSQL its cursor, kept for the next
+    statements) serves the next transactions as if nothing had happened."""
+    first = vm_values(project_image, "first")
+    with store.transaction() as conn:
+        FAST_VM.execute(conn, first)
+    for _ in range(3):
+        with pytest.raises(IntegrityError), store.transaction() as conn:
+            FAST_VM.execute(conn, first)  # the same id again
+        again = vm_values(project_image, f"again-{_}")
+        with store.transaction() as conn:
+            FAST_VM.execute(conn, again)
+        assert row_of(store, str(again["id"])) == row_of(store, str(first["id"]))
+    with store.sessions() as s:
+        assert sorted(s.scalars(select(VM.name)).all()) == [
+            "again-0", "again-1", "again-2", "first"]
+
+
 def test_after_commit_work_runs_only_once_committed(store: Store) -> None:
     ran: list[str] = []
     with store.transaction() as conn:
