@@ -124,6 +124,7 @@ class FastStatement:
         processors: dict[str, Callable[[Any], Any]] = {}
         literals: dict[str, Any] = {}
         sql = compiled.string
+        inline: dict[str, str] = {}
         for name, bind in compiled.binds.items():  # type: ignore[attr-defined]
             if name not in names:
                 continue  # an anonymous parameter's other key
@@ -133,7 +134,7 @@ class FastStatement:
                 if text is not None:
                     # Written into the SQL once: the driver does not adapt it at each run.
                     # (The dialect's rendering already doubles % for the paramstyle.)
-                    sql = sql.replace(f"%({name})s", text)
+                    inline[name] = text
                     names.discard(name)
                     continue
             proc = impl.bind_processor(dialect)
@@ -142,19 +143,28 @@ class FastStatement:
             if not bind.required:
                 value = bind.effective_value
                 literals[name] = proc(value) if proc is not None else value
-        if order is None and dialect.name == "postgresql":
-            # Positional (%s, values in a tuple): psycopg adapts them for less than a
-            # mapping by name. A name used twice is given twice.
+        if order is None:
+            # One pass over the SQL as compiled (never over literals already written in):
+            # literals in, and on PostgreSQL the others positional (%s, values in a tuple),
+            # which psycopg adapts for less than a mapping by name; a name used twice is
+            # given twice.
+            positional = dialect.name == "postgresql"
             positions: list[str] = []
 
-            def positional(m: re.Match[str]) -> str:
-                if m.group(1) is None:
+            def rewrite(m: re.Match[str]) -> str:
+                name = m.group(1)
+                if name is None:
+                    return m.group(0)  # an escaped %
+                if name in inline:
+                    return inline[name]
+                if not positional:
                     return m.group(0)
-                positions.append(m.group(1))
+                positions.append(name)
                 return "%s"
 
-            sql = _TOKENS.sub(positional, sql)
-            order = tuple(positions)
+            sql = _TOKENS.sub(rewrite, sql)
+            if positional:
+                order = tuple(positions)
         missing = names - set(literals) - set(self.keys) - set(defaults)
         if self.keys and missing:
             raise ValueError(f"FastStatement: no value for {sorted(missing)}")

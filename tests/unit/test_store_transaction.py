@@ -101,7 +101,7 @@ def test_a_fast_statements_own_values_are_written_as_given(
     """Values of the statement itself (on PostgreSQL written into its SQL once) come out
     as given, quotes, percent signs and JSON included."""
     values = vm_values(project_image, "one")
-    given = {"state_reason": "it's 100% done; %(x)s", "attempts": 3,
+    given = {"state_reason": "it's 100% done; %(x)s %(vid)s %%(attempts)s", "attempts": 3,
              "addresses": [{"ip": "10.0.0.2", "note": "50% 'off'"}], "static_address": ""}
     set_them = FastStatement(update(VM).where(VM.id == bindparam("vid")).values(**given),
                              ("vid",))
