@@ -304,11 +304,37 @@ def up(ctx: click.Context, demo_image: bool) -> None:
                 p.kill()
 
 
+def retire_stale_demo(db_url: str, current: Path) -> str | None:
+    """An image named 'demo' that `up` registered from an earlier build of the demo image
+    (another file in the same directory: each build's name carries its recipe's tag) is
+    renamed 'demo-<first 8 of its id>', so that this build can be registered as 'demo'. VMs
+    made from it keep it. Returns its new name, or None when there was none to retire."""
+    from sqlalchemy import select
+
+    from fleet.store.models import Image
+    from fleet.store.session import Store
+    store = Store(db_url)
+    try:
+        with store.session() as s:
+            for image in s.scalars(select(Image).where(Image.name == "demo")):
+                source = Path(image.source) if image.source else None
+                if source is None or source == current or source.parent != current.parent:
+                    continue
+                image.name = f"demo-{image.id[:8]}"
+                return image.name
+    finally:
+        store.dispose()
+    return None
+
+
 def _register_demo(settings: Settings, token: str) -> None:
     import requests
 
-    from demo.image import build_demo_image
-    path = build_demo_image(settings.state_dir / "demo" / "virtfleet-demo.qcow2")
+    from demo.image import IMAGE_TAG, build_demo_image
+    path = build_demo_image(settings.state_dir / "demo" / f"virtfleet-demo-{IMAGE_TAG}.qcow2")
+    retired = retire_stale_demo(settings.db_url, path)
+    if retired:
+        click.echo(f"the demo image of an earlier virtfleet is now '{retired}'")
     url = f"{settings.base_url}/api/v1/images"
     headers = {"Authorization": f"Bearer {token}"}
     for _ in range(60):
