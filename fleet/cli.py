@@ -6,6 +6,7 @@ Owns argument parsing and process wiring only. Bad settings end with the ConfigE
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -304,27 +305,29 @@ def up(ctx: click.Context, demo_image: bool) -> None:
                 p.kill()
 
 
-def retire_stale_demo(db_url: str, current: Path) -> str | None:
-    """An image named 'demo' that `up` registered from an earlier build of the demo image
-    (another file in the same directory: each build's name carries its recipe's tag) is
-    renamed 'demo-<first 8 of its id>', so that this build can be registered as 'demo'. VMs
-    made from it keep it. Returns its new name, or None when there was none to retire."""
+def retire_stale_demo(db_url: str, current_sha256: str) -> str | None:
+    """An image named 'demo' that `up` registered (from a path on this machine, in the admin
+    project) from another build of the demo image than this one (`current_sha256`: its
+    qcow2's, which a path import stores as it is) is renamed 'demo-<first 8 of its id>', so
+    that this build can be registered as 'demo': an earlier build's guest may not do what
+    this virtfleet's user-data asks of it (its ready line). VMs made from it keep it.
+    Returns its new name, or None when there was none to retire."""
     from sqlalchemy import select
 
-    from fleet.store.models import Image
+    from fleet.store.models import Image, Project
     from fleet.store.session import Store
     store = Store(db_url)
     try:
         with store.session() as s:
-            for image in s.scalars(select(Image).where(Image.name == "demo")):
-                source = Path(image.source) if image.source else None
-                if source is None or source == current or source.parent != current.parent:
-                    continue
-                image.name = f"demo-{image.id[:8]}"
-                return image.name
+            stale = s.scalars(select(Image).join(Project, Project.id == Image.project_id).where(
+                Image.name == "demo", Project.name == "admin", Image.source == "local",
+                Image.sha256 != current_sha256)).first()
+            if stale is None:
+                return None
+            stale.name = f"demo-{stale.id[:8]}"
+            return stale.name
     finally:
         store.dispose()
-    return None
 
 
 def _register_demo(settings: Settings, token: str) -> None:
@@ -332,7 +335,9 @@ def _register_demo(settings: Settings, token: str) -> None:
 
     from demo.image import IMAGE_TAG, build_demo_image
     path = build_demo_image(settings.state_dir / "demo" / f"virtfleet-demo-{IMAGE_TAG}.qcow2")
-    retired = retire_stale_demo(settings.db_url, path)
+    with path.open("rb") as fh:
+        sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+    retired = retire_stale_demo(settings.db_url, sha256)
     if retired:
         click.echo(f"the demo image of an earlier virtfleet is now '{retired}'")
     url = f"{settings.base_url}/api/v1/images"
