@@ -416,8 +416,11 @@ def _socket_body(environ: dict[str, Any]) -> Iterator[bytes] | None:
 
     What gunicorn read ahead with the headers comes first; bytes past the body (a next
     request pipelined behind it) are given back to it. The reader's count of what is left
-    is kept as the bytes come, so that gunicorn finds the body read (or drains the rest,
-    or closes the connection after a failure) as with its own reader."""
+    is kept as the bytes come, so that gunicorn finds the body read, or closes the
+    connection after a failure. A body left unread (the upload refused part way: too large,
+    another format's header, a bad frame) also marks the connection failed when its chunks
+    are closed: gunicorn then closes it rather than receive and drop the rest (gigabytes,
+    for a disk image) before it serves the next request."""
     try:
         from gunicorn.http.body import Body, LengthReader
         from gunicorn.http.unreader import SocketUnreader
@@ -435,6 +438,14 @@ def _socket_body(environ: dict[str, Any]) -> Iterator[bytes] | None:
 
 
 def _recv_body(body: Any, reader: Any, unreader: Any, sock: Any) -> Iterator[bytes]:
+    try:
+        yield from _recv_chunks(body, reader, unreader, sock)
+    finally:
+        if reader.length > 0:  # closed before the end: the rest is never read
+            body.failed = True
+
+
+def _recv_chunks(body: Any, reader: Any, unreader: Any, sock: Any) -> Iterator[bytes]:
     held = unreader.take_buffered()
     if len(held) > reader.length:
         unreader.unread(held[reader.length:])

@@ -6,6 +6,7 @@ that the host file they point at never got into what the controller stored."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -1125,6 +1126,34 @@ def test_a_body_cut_short_is_refused_and_the_connection_marked_failed() -> None:
         assert body.failed and reader.length == 2 * MIB - 1000
     finally:
         server.close()
+
+
+def test_a_body_left_unread_marks_the_connection_failed_so_gunicorn_closes_it() -> None:
+    """An upload refused part way (too large, a bad header or frame) stops reading: the
+    connection must not be kept, or gunicorn would receive and drop the rest of the body
+    (its drain) before serving anything else on it."""
+    from gunicorn.http.parser import RequestParser
+    body, reader, server, client = gunicorn_body(8 * MIB, b"")
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the test closes the connection mid-way
+            client.sendall(b"\2" * (2 * imports.CHUNK))
+
+    sender = threading.Thread(target=send, daemon=True)
+    try:
+        sender.start()
+        chunks = imports.request_body({"wsgi.input": body, "gunicorn.socket": server})
+        assert len(next(chunks)) == imports.CHUNK
+        assert not body.failed
+        chunks.close()  # what the upload route does when it refuses the image
+        assert body.failed and reader.length == 8 * MIB - imports.CHUNK
+        parser = RequestParser.__new__(RequestParser)
+        parser.mesg = type("Message", (), {"body": body})()
+        assert parser.finish_body() is False  # gunicorn: close, do not drain
+    finally:
+        client.close()
+        server.close()
+        sender.join(timeout=10)
 
 
 def test_other_inputs_take_the_generic_reader() -> None:

@@ -14,6 +14,7 @@ to inspect).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,11 @@ class ImageUpload(MethodView):
         `active` or `error`."""
         who, declared = current(), args["disk_format"]
         body = request_body_checked(request, args["virtual_size"], _settings().max_image_bytes)
+        with contextlib.closing(body):  # a body left unread: its connection is not reused
+            return self._store(who, args, body, declared)
+
+    @staticmethod
+    def _store(who: Any, args: dict[str, Any], body: Any, declared: str | None) -> Any:
         if args["virtual_size"] is not None:
             vsize = int(args["virtual_size"])
             return _register(who, args["name"], args["visibility"], "upload",
