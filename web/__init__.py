@@ -1,7 +1,9 @@
 """The web: REST API (flask-smorest), HTML pages and the live event stream.
 
-`create_app(test_config=None)` follows the flaskr pattern. The web never imports libvirt and
-never runs qemu-img; it reaches hosts only through the message contract.
+`create_app(test_config=None)` follows the flaskr pattern. The web never imports libvirt;
+it runs qemu-img only for a sparse raw upload, converted as it arrives (web/sparse.py →
+scheduler/streamconvert.py → worker/images.py, the one qemu-img caller), and reaches hosts
+only through the message contract.
 """
 
 from __future__ import annotations
