@@ -27,6 +27,10 @@ CLAIM_ROUNDS = 10
 """Times placement re-reads the hosts after every candidate was lost to concurrent claims.
 Each lost compare-and-set means another claim went through, so a few rounds suffice."""
 
+LOST_LOOKAHEAD = 8
+"""After a lost compare-and-set, the candidates ranked next that are read again with the lost
+host, in the same statement (hostcache.SessionHosts.lost)."""
+
 
 def snapshot(host: Host, settings: Settings, vm_count: int = 0, builds: int = 0
              ) -> HostSnapshot:
@@ -291,6 +295,8 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
             best = ranking.top(i + 1 + MAX_ALTERNATES)
             cand = best[i]
             if cached is not None:
+                if cached.changed(cand):
+                    continue  # re-read after a lost compare-and-set: taken since we ranked
                 if first_pass and not cached.reserve(cand):
                     passed_over.append(i)
                     continue
@@ -312,7 +318,7 @@ def claim(session: Session | Connection, vm_id: str, req: Request, settings: Set
                 return Placement(taken, [h.name for h in best[i + 1:]])
             if cached is not None:
                 cached.unreserve(cand)
-                cached.lost(cand)
+                cached.lost(cand, ranking.top(i + 1 + LOST_LOOKAHEAD)[i + 1:])
     raise NoValidHost("every candidate host was taken by concurrent requests; try again",
                       {"filters": ranking.removed, "hosts": len(hosts)})
 

@@ -14,10 +14,12 @@ apart by their generation, so "the higher generation wins" when two readings mee
   work: one statement reads every host's generation, cached images and VM and build counts,
   a second the full rows of the hosts whose generation moved (and of new hosts); every
   FULL_RELOAD_EVERY reloads, and when much changed, every host is read in full;
-- after a lost compare-and-set, that one host is re-read in the caller's transaction (which
-  sees its own writes, e.g. an evacuation that just disabled it) into that transaction's
-  overlay; after a successful claim the host's new state (generation + 1, used + the
-  request, one more VM, one more build) goes into the overlay too. The overlay ranks the
+- after a lost compare-and-set, that host and the next few candidates of the ranking are
+  re-read, in one statement, in the caller's transaction (which sees its own writes, e.g. an
+  evacuation that just disabled it) into that transaction's overlay; those found changed are
+  skipped for the rest of that ranking (another process's recent claims sit just where our
+  stale ranking looks next); after a successful claim the host's new state (generation + 1,
+  used + the request, one more VM, one more build) goes into the overlay too. The overlay ranks the
   transaction's next decisions and is merged into the cache when the transaction commits,
   dropped when it rolls back.
 
@@ -103,35 +105,34 @@ _COLUMNS = (Host.id, Host.name, Host.generation, Host.alive, Host.enabled, Host.
 assert SNAPSHOT_FIELDS[:17] == tuple(c.key for c in _COLUMNS[:17])
 
 
-def _counts(only_id: bool = False) -> Any:
-    """VMs and builds per host."""
+_HOST_IDS = bindparam("host_ids", expanding=True)
+
+
+def _counts(only_ids: bool = False) -> Any:
+    """VMs and builds per host (of the hosts `host_ids` only)."""
     counts = (select(VM.host_id.label("host_id"), func.count(VM.id).label("n"),
                      func.coalesce(func.sum(case((VM.state == "building", 1), else_=0)), 0)
                      .label("b"))
               .where(VM.host_id.is_not(None)))
-    if only_id:
-        counts = counts.where(VM.host_id == bindparam("host_id"))
+    if only_ids:
+        counts = counts.where(VM.host_id.in_(_HOST_IDS))
     return counts.group_by(VM.host_id).subquery()
 
 
-def _query(only_names: frozenset[str] | None = None, only_id: bool = False,
-           only_ids: bool = False) -> Any:
+def _query(only_names: frozenset[str] | None = None, only_ids: bool = False) -> Any:
     """Hosts with their VM and build counts, in one statement (one consistent read).
-    `only_id`: one host, the bound parameter `host_id`; `only_ids`: the list `host_ids`."""
-    sub = _counts(only_id)
+    `only_ids`: the hosts of the list `host_ids` only."""
+    sub = _counts(only_ids)
     query = (select(*_COLUMNS, sub.c.n, sub.c.b)
              .outerjoin(sub, sub.c.host_id == Host.id).order_by(Host.id))
     if only_names is not None:
         query = query.where(Host.name.in_(only_names))
-    if only_id:
-        query = query.where(Host.id == bindparam("host_id"))
     if only_ids:
-        query = query.where(Host.id.in_(bindparam("host_ids", expanding=True)))
+        query = query.where(Host.id.in_(_HOST_IDS))
     return query
 
 
 _ALL_HOSTS = _query()
-_ONE_HOST = _query(only_id=True)
 _SOME_HOSTS = _query(only_ids=True)
 
 _sub = _counts()
@@ -185,11 +186,13 @@ def read_hosts(conn: Connection | Session, settings: Settings,
     return [decode(row) for row in conn.execute(query)]
 
 
-def read_host(conn: Connection | Session, settings: Settings,
-              host_id: int) -> HostSnapshot | None:
-    """One host as `conn` sees it now (None when it is gone)."""
-    row = conn.execute(_ONE_HOST, {"host_id": host_id}).first()
-    return None if row is None else _Decoder(settings)(row)
+def read_hosts_by_id(conn: Connection | Session, settings: Settings,
+                     host_ids: Iterable[int]) -> dict[int, HostSnapshot]:
+    """The hosts of `host_ids` as `conn` sees them now, in one statement (those gone are
+    missing)."""
+    decode = _Decoder(settings)
+    return {snap.id: snap for snap in (decode(row) for row in conn.execute(
+        _SOME_HOSTS, {"host_ids": list(host_ids)}))}
 
 
 def after_claim(host: HostSnapshot, req: Request) -> HostSnapshot:
@@ -490,6 +493,12 @@ class SessionHosts:
         table = self.cache.current()
         return table is not None and old_generation(table, host.id) > host.generation
 
+    def changed(self, host: HostSnapshot) -> bool:
+        """Read again since it was ranked (`lost`) and found changed, or gone: its
+        compare-and-set would be lost. (The next ranking has it as it is now.)"""
+        fresh = self.pending.get(host.id, host)
+        return fresh is None or fresh.generation != host.generation
+
     def unreserve(self, host: HostSnapshot) -> None:
         """Our claim on `host` did not go through: others may try it again."""
         if host.id in self.reserved:
@@ -500,10 +509,18 @@ class SessionHosts:
         """Our claim went through (in our transaction), leaving `host` so (after_claim)."""
         self.pending[host.id] = host
 
-    def lost(self, host: HostSnapshot) -> None:
-        """Our compare-and-set on `host` failed: read it again, as our transaction sees it."""
-        fresh = read_host(self.session, self.settings, host.id)
-        self.pending[host.id] = fresh
+    def lost(self, host: HostSnapshot, ahead: Iterable[HostSnapshot] = ()) -> None:
+        """Our compare-and-set on `host` failed: read it again, as our transaction sees it,
+        and with it (same statement) the candidates `ahead`, those ranked next. Another
+        process's claims are what made `host` stale, and that process ranks as we do: the
+        hosts it took lately are the ones our stale ranking offers next. Read in one go,
+        they are skipped (`changed`) instead of each costing a lost compare-and-set and a
+        read of its own."""
+        ids = [host.id, *(h.id for h in ahead if h.id not in self.pending)]
+        found = read_hosts_by_id(self.session, self.settings, dict.fromkeys(ids))
+        for hid in ids:
+            self.pending[hid] = found.get(hid)
+        fresh = found.get(host.id)
         if fresh is not None and fresh.generation <= host.generation:
             # Seen through our own transaction it is no newer than what we tried: the rows
             # changed under a generation we cannot see (should not happen); start over.

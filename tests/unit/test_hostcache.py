@@ -122,6 +122,38 @@ def test_a_claim_elsewhere_makes_our_copy_stale_and_the_cas_catches_it(
     assert_consistent(store)
 
 
+def test_after_a_lost_compare_and_set_the_next_candidates_are_read_with_it_and_the_taken_skipped(
+        store: Store, project_image: tuple[int, str], cas: list[tuple[str, bool]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process took h2, h3 and h4, the hosts our stale copy ranks first: the lost
+    compare-and-set on h2 re-reads h2 and the candidates after it in one statement, h3 and h4
+    are skipped unclaimed, and h5 is taken: one lost compare-and-set, not three."""
+    for i in range(1, 7):
+        add_host(store, f"h{i}", memory_mb=8 * 512)
+    frozen_clock(store)
+    assert place(store, project_image, "vm-1") == "h1"  # loads the cache; h2..h6 now tie
+    for name in ("h2", "h3", "h4"):
+        claim_elsewhere(store, name, f"vm-other-{name}")
+    reads: list[list[int]] = []
+    real = hostcache.read_hosts_by_id
+
+    def counting(conn, settings, host_ids):  # type: ignore[no-untyped-def]
+        reads.append(list(host_ids))
+        return real(conn, settings, host_ids)
+
+    monkeypatch.setattr(hostcache, "read_hosts_by_id", counting)
+    assert place(store, project_image, "vm-2") == "h5"
+    assert cas == [("h1", True), ("h2", False), ("h5", True)]
+    ids = {h.name: h.id for h in the_cache(store).current() or ()}
+    assert len(reads) == 1 and reads[0][0] == ids["h2"]  # the lost host first, in one read
+    assert {ids["h3"], ids["h4"], ids["h5"]} <= set(reads[0])
+    # The re-read states reached the shared copy with the commit: nothing is lost next time.
+    cas.clear()
+    assert place(store, project_image, "vm-3") == "h6"
+    assert cas == [("h6", True)]
+    assert_consistent(store)
+
+
 def test_a_stale_copy_never_overfills_a_host(store: Store, project_image: tuple[int, str],
                                               cas: list[tuple[str, bool]]) -> None:
     add_host(store, "h1", memory_mb=2 * 512)
