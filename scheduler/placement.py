@@ -89,9 +89,13 @@ class Ranking:
         self._count = int(idx.size)
         self._table, self._idx, self._totals = table, idx, totals
         if top_random > 1:
-            head = _best(totals, min(top_random, self._count)).tolist()
-            (rng or random).shuffle(head)
-            self._head = head
+            n = min(top_random, self._count)
+            best = _best(totals, n)
+            cut = totals[best[-1]]
+            at_cut = np.flatnonzero(totals == cut)  # name order, as the scalar path's
+            above = np.flatnonzero(totals > cut)
+            self._head = _top_few(best.tolist(), above.tolist(), at_cut.tolist(), n,
+                                  rng or random)
         return self
 
     def __len__(self) -> int:
@@ -106,12 +110,15 @@ class Ranking:
         return self._order[:n]
 
     def _positions(self, n: int) -> np.ndarray:
-        """As `_sorted`, with the best `top_random` in their shuffled order."""
-        order = self._sorted(n)
+        """As `_sorted`, with the best `top_random` (`_top_few`) first, in their order."""
         if not self._head:
-            return order
+            return self._sorted(n)
         head = np.asarray(self._head[:n], dtype=np.int64)
-        return np.concatenate([head, order[head.size:]]) if n > head.size else head
+        if n <= head.size:
+            return head
+        order = self._sorted(n + head.size)
+        rest = order[~np.isin(order, head)]
+        return np.concatenate([head, rest[:n - head.size]])
 
     def top(self, n: int) -> list[HostSnapshot]:
         """The best `n` hosts (fewer if fewer passed), best first."""
@@ -143,6 +150,21 @@ class Ranking:
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _top_few(best: list[int], above: list[int], at_cut: list[int], n: int,
+             rng: random.Random | Any) -> list[int]:
+    """The `n` hosts to pick at random among (host_subset_size), shuffled: the `best` `n`;
+    but when more hosts tie with the `n`-th (`at_cut`, in name order) than are left after
+    those scoring above it (`above`), the tied ones taken are drawn at random too, not the
+    first by name. Schedulers with the same view of identical hosts (a fleet of one server
+    model) then spread over all of them rather than contend for the same few."""
+    if len(above) + len(at_cut) > n:
+        head = above + rng.sample(at_cut, n - len(above))
+    else:
+        head = list(best)
+    rng.shuffle(head)
+    return head
 
 
 def _best(totals: np.ndarray, n: int) -> np.ndarray:
@@ -219,9 +241,14 @@ def _rank_scalar(hosts: Sequence[HostSnapshot], req: Request, filters: Sequence[
     order = sorted(range(len(survivors)), key=lambda i: (-totals[i], survivors[i].name))
     ranked = [survivors[i] for i in order]
     if top_random > 1:
-        head = ranked[:top_random]
-        (rng or random).shuffle(head)
-        ranked[:top_random] = head
+        n = min(top_random, len(ranked))
+        cut = totals[order[n - 1]]
+        by_name = sorted(range(len(survivors)), key=lambda i: survivors[i].name)
+        head = _top_few(order[:n], [i for i in by_name if totals[i] > cut],
+                        [i for i in by_name if totals[i] == cut], n, rng or random)
+        chosen = set(head)
+        ranked = [survivors[i] for i in head] + [h for i, h in zip(order, ranked, strict=True)
+                                                 if i not in chosen]
     scores = {survivors[i].name: totals[i] for i in order}
     if explain:
         for pos, host in enumerate(ranked):

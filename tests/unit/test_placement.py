@@ -168,3 +168,27 @@ def test_top_random_shuffles_only_the_head() -> None:
         assert [h.name for h in ranked[3:]] == ["h3", "h4", "h5"]
         seen_first.add(ranked[0].name)
     assert len(seen_first) > 1
+
+
+def test_top_random_draws_among_every_host_tied_with_the_last_of_the_few() -> None:
+    """A fleet of one server model: 20 identical hosts behind one better host. Picking at
+    random among the best 3 draws the two besides the better one from all 20 (two
+    schedulers with this view then rarely pick the same host), never a worse host; the
+    better one is always among the few; both paths agree; no host comes twice."""
+    hosts = ([host("best", used_memory_mb=0)]
+             + [host(f"t{i:02d}", used_memory_mb=1000) for i in range(20)]
+             + [host("worse", used_memory_mb=4000)])
+    tied = {f"t{i:02d}" for i in range(20)}
+    drawn: set[str] = set()
+    for seed in range(60):
+        vector = rank(hosts, SMALL, top_random=3, rng=random.Random(seed), vectorized=True)
+        scalar = rank(hosts, SMALL, top_random=3, rng=random.Random(seed), vectorized=False)
+        names = [h.name for h in vector.hosts]
+        assert names == [h.name for h in scalar.hosts]
+        assert [h.name for h in rank(hosts, SMALL, top_random=3, rng=random.Random(seed),
+                                     vectorized=True).top(5)] == names[:5]
+        assert sorted(names) == sorted(h.name for h in hosts)  # each host once
+        assert "best" in names[:3] and set(names[:3]) - {"best"} <= tied
+        assert names[-1] == "worse"
+        drawn |= set(names[:3]) - {"best"}
+    assert len(drawn) > 10  # not the first two by name every time
