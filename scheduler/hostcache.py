@@ -19,9 +19,9 @@ apart by their generation, so "the higher generation wins" when two readings mee
   evacuation that just disabled it) into that transaction's overlay; those found changed are
   skipped for the rest of that ranking (another process's recent claims sit just where our
   stale ranking looks next); after a successful claim the host's new state (generation + 1,
-  used + the request, one more VM, one more build) goes into the overlay too. The overlay ranks the
-  transaction's next decisions and is merged into the cache when the transaction commits,
-  dropped when it rolls back.
+  used + the request, one more VM, one more build) goes into the overlay too. The overlay
+  ranks the transaction's next decisions and is merged into the cache when the transaction
+  commits, dropped when it rolls back.
 
 Claims in flight: decisions of one process run side by side (the web's request threads; on
 PostgreSQL nothing serialises them), rank the same table and, with the same request, pick the
@@ -187,10 +187,11 @@ def read_hosts(conn: Connection | Session, settings: Settings,
 
 
 def read_hosts_by_id(conn: Connection | Session, settings: Settings,
-                     host_ids: Iterable[int]) -> dict[int, HostSnapshot]:
+                     host_ids: Iterable[int],
+                     decode: _Decoder | None = None) -> dict[int, HostSnapshot]:
     """The hosts of `host_ids` as `conn` sees them now, in one statement (those gone are
     missing)."""
-    decode = _Decoder(settings)
+    decode = decode or _Decoder(settings)
     return {snap.id: snap for snap in (decode(row) for row in conn.execute(
         _SOME_HOSTS, {"host_ids": list(host_ids)}))}
 
@@ -353,8 +354,7 @@ class HostCache:
             return None
         added: list[HostSnapshot] = []
         if refetch:
-            for row in conn.execute(_SOME_HOSTS, {"host_ids": refetch}):
-                snap = decode(row)
+            for snap in read_hosts_by_id(conn, settings, refetch, decode).values():
                 pos = by_id.get(snap.id)
                 if pos is None:
                     added.append(snap)
@@ -517,7 +517,7 @@ class SessionHosts:
         they are skipped (`changed`) instead of each costing a lost compare-and-set and a
         read of its own."""
         ids = [host.id, *(h.id for h in ahead if h.id not in self.pending)]
-        found = read_hosts_by_id(self.session, self.settings, dict.fromkeys(ids))
+        found = read_hosts_by_id(self.session, self.settings, ids)
         for hid in ids:
             self.pending[hid] = found.get(hid)
         fresh = found.get(host.id)
