@@ -108,9 +108,10 @@ _FAST_CAS = FastStatement(_CAS, ("hid", "gen", "v", "m", "d"))
 _FAST_RECORD = FastStatement(_RECORD, ("vm_id", "host_id", "vcpus", "memory_mb", "disk_gb",
                                        "created_at"))
 _FAST_CAS_AND_RECORD = FastStatement(_CAS_AND_RECORD, ("hid", "gen", "v", "m", "d",
-                                                       "claim_vm", "claim_at"))
+                                                       "claim_vm", "claim_at"), direct=True)
 """The same statements run on the driver's connection (fleet/store/fast.py): SQLAlchemy's
-per-statement work was most of a decision's time."""
+per-statement work was most of a decision's time. The claim statements of PostgreSQL are
+`direct`: in a single-statement transaction, libpq runs them (their rows are only counted)."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _claim_and_row(table: Table, keys: tuple[str, ...], host_key: str) -> _RowPl
         ).returning(*table.primary_key.columns)
         statement = FastStatement(row, ("hid", "gen", "v", "m", "d", "claim_vm", "claim_at",
                                         *(f"row_{k}" for k in given),
-                                        *(name for name, _ in made)))
+                                        *(name for name, _ in made)), direct=True)
         done = _ROW_PLANS[key] = _RowPlan(statement, tuple((k, f"row_{k}") for k in given),
                                           tuple(made))
     return done

@@ -12,14 +12,25 @@ transaction, same values as `Connection.execute` would send; driver errors come 
 SQLAlchemy's (`DBAPIError.instance`), and a lost connection is invalidated as SQLAlchemy
 would. Not for anything that needs ORM events, SQL logging or result rows as SQLAlchemy
 types: callers get the driver's cursor (rowcount, fetchone).
+
+On PostgreSQL a statement marked `direct` goes further when its connection is in autocommit
+(a `Store.transaction(single_statement=True)`: a placement decision): it is prepared once per
+connection under a name of its own and run with libpq's PQexecPrepared through psycopg's
+`pgconn`, its parameters given as text (each has an explicit cast in the SQL, so the server
+needs no types), each name once. psycopg's own execute (query conversion, adapting every
+value, its prepared-statement bookkeeping, a non-blocking send and wait) cost about as much
+client CPU as the round trip itself. libpq releases the GIL while it waits.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Connection, Insert, String, exc
@@ -28,6 +39,15 @@ from sqlalchemy.sql.expression import Executable
 
 _TOKENS = re.compile(r"%%|%\((\w+)\)s")
 """A parameter in the pyformat paramstyle (psycopg), or an escaped % (group 1 empty)."""
+
+_POSITIONAL = re.compile(r"%%|%s")
+"""A positional parameter in the format paramstyle, or an escaped %."""
+
+_PREPARED = "virtfleet.fast.prepared"
+"""Where a DB-API connection's `info` keeps the names of the direct statements prepared on
+it (PostgreSQL)."""
+
+_names = itertools.count(1)
 
 _CURSOR = "virtfleet.fast.cursor"
 """Where a DB-API connection's `info` keeps the cursor FastStatements run on (PostgreSQL):
@@ -88,6 +108,77 @@ class _Compiled:
     """Of those, the ones whose default is a constant or an empty list or dict (`default=list`),
     already through their type's processor (e.g. JSON text): worked out once."""
     prepare: bool
+    direct: _Direct | None = None
+
+
+class _NotDirect(Exception):
+    """A value the direct path does not write as text itself (psycopg adapts it)."""
+
+
+def _text(value: Any) -> bytes | None:
+    """A parameter as PostgreSQL's text input of the type its cast names."""
+    kind = type(value)
+    if value is None:
+        return None
+    if kind is str:
+        return value.encode()  # type: ignore[no-any-return]
+    if kind is bool:
+        return b"t" if value else b"f"
+    if kind is int:
+        return str(value).encode()
+    if kind is float:
+        if math.isfinite(value):
+            return repr(value).encode()
+        return b"NaN" if math.isnan(value) else b"Infinity" if value > 0 else b"-Infinity"
+    if kind is datetime or kind is date:
+        return value.isoformat().encode()  # type: ignore[no-any-return]
+    raise _NotDirect(kind.__name__)
+
+
+def _json_text(serialize: Callable[[Any], str], none_as_null: bool
+               ) -> Callable[[Any], bytes | None]:
+    """A JSON parameter as text, as SQLAlchemy's JSON type serializes it."""
+    def text(value: Any) -> bytes | None:
+        if value is None:
+            return None if none_as_null else b"null"
+        if not isinstance(value, dict | list | str | int | float):
+            raise _NotDirect(type(value).__name__)
+        return serialize(value).encode()
+    return text
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """A statement as libpq runs it: `$n` parameters, each name once."""
+
+    name: bytes
+    sql: bytes
+    names: tuple[str, ...]
+    """The parameter of each `$n`, in order."""
+    encoders: tuple[Callable[[Any], bytes | None], ...]
+    fixed: dict[str, Any]
+    """The values of the statement's own parameters and constant defaults, as given (not
+    through their type's processor: the encoders write them)."""
+
+
+def _direct(sql: str, order: tuple[str, ...],
+            encoders: Mapping[str, Callable[[Any], bytes | None]],
+            fixed: Mapping[str, Any]) -> _Direct:
+    """`sql` (format paramstyle, `order` its parameters) as libpq takes it: `$n` parameters,
+    a name used twice being one parameter, and `%%` back to `%`."""
+    numbers: dict[str, int] = {}
+    at = iter(order)
+
+    def rewrite(m: re.Match[str]) -> str:
+        if m.group(0) == "%%":
+            return "%"
+        name = next(at)
+        return f"${numbers.setdefault(name, len(numbers) + 1)}"
+
+    text = _POSITIONAL.sub(rewrite, sql)
+    names = tuple(numbers)
+    return _Direct(f"vf_fast_{next(_names)}".encode(), text.encode(), names,
+                   tuple(encoders[n] for n in names), {n: fixed[n] for n in names if n in fixed})
 
 
 class FastStatement:
@@ -97,9 +188,13 @@ class FastStatement:
     others that have a Python-side default get it, as Core would give it).
     """
 
-    def __init__(self, statement: Executable, keys: Iterable[str] = ()) -> None:
+    def __init__(self, statement: Executable, keys: Iterable[str] = (),
+                 direct: bool = False) -> None:
         self.statement = statement
         self.keys = tuple(keys)
+        self.direct = direct
+        """PostgreSQL in autocommit: run on libpq (see the module's notes). Its rows then come
+        back as text (bytes), for callers that only count them."""
         self._compiled: dict[str, _Compiled] = {}
 
     def _compile(self, dialect: Dialect) -> _Compiled:
@@ -123,10 +218,17 @@ class FastStatement:
         literals: dict[str, Any] = {}
         sql = compiled.string
         inline: dict[str, str] = {}
+        encoders: dict[str, Callable[[Any], bytes | None]] = {}
+        fixed: dict[str, Any] = {}
         for name, bind in compiled.binds.items():  # type: ignore[attr-defined]
             if name not in names:
                 continue  # an anonymous parameter's other key
             impl = bind.type.dialect_impl(dialect)
+            if isinstance(impl, JSON):
+                encoders[name] = _json_text(
+                    getattr(dialect, "_json_serializer", None) or json.dumps, impl.none_as_null)
+            elif impl.bind_processor(dialect) is None:
+                encoders[name] = _text
             if not bind.required and order is None:
                 text = _literal(impl, dialect, bind.effective_value)
                 if text is not None:
@@ -141,6 +243,7 @@ class FastStatement:
             if not bind.required:
                 value = bind.effective_value
                 literals[name] = proc(value) if proc is not None else value
+                fixed[name] = value
         if order is None:
             # One pass over the SQL as compiled (never over literals already written in):
             # literals in, and on PostgreSQL the others positional (%s, values in a tuple),
@@ -171,9 +274,14 @@ class FastStatement:
             if is_constant(make):
                 proc = processors.get(key)
                 constants[key] = proc(make()) if proc is not None else make()
+                fixed[key] = make()
                 del defaults[key]
+        direct = None
+        if self.direct and dialect.name == "postgresql" and order is not None \
+                and all(n in encoders for n in order):
+            direct = _direct(sql, order, encoders, fixed)
         return _Compiled(sql, order, literals, processors, defaults, constants,
-                         prepare=dialect.name == "postgresql")
+                         prepare=dialect.name == "postgresql", direct=direct)
 
     def compiled(self, dialect: Dialect) -> _Compiled:
         done = self._compiled.get(dialect.name)
@@ -188,6 +296,13 @@ class FastStatement:
         c = self.compiled(dialect)
         if not conn.in_transaction():
             conn.begin()
+        if c.direct is not None:
+            driver = conn.connection.driver_connection
+            if driver is not None and driver.autocommit and _utf8(conn):
+                try:
+                    return self._run_direct(conn, c.direct, c.defaults, params)
+                except _NotDirect:
+                    pass  # a value psycopg adapts: the usual way below
         values = dict(c.literals)  # processed already
         processors = c.processors
         for key, value in params.items():
@@ -218,3 +333,83 @@ class FastStatement:
             raise exc.DBAPIError.instance(c.sql, args, err, dialect.loaded_dbapi.Error,
                                           connection_invalidated=gone,
                                           dialect=dialect) from err
+
+    @staticmethod
+    def _run_direct(conn: Connection, d: _Direct, defaults: Mapping[str, Callable[[], Any]],
+                    params: Mapping[str, Any]) -> _Rows:
+        """Prepared once on this connection, run by libpq, parameters as text."""
+        args = []
+        for name, encode in zip(d.names, d.encoders, strict=True):
+            if name in params:
+                value = params[name]
+            elif name in d.fixed:
+                value = d.fixed[name]
+            else:
+                value = defaults[name]()
+            args.append(encode(value))
+        dialect = conn.dialect
+        record = conn.connection
+        pgconn = record.driver_connection.pgconn  # type: ignore[union-attr]
+        prepared: set[bytes] = record.info.setdefault(_PREPARED, set())
+        psycopg = dialect.loaded_dbapi
+        try:
+            for attempt in (1, 2):
+                if d.name not in prepared:
+                    _check(psycopg, pgconn.prepare(d.name, d.sql))
+                    prepared.add(d.name)
+                result = pgconn.exec_prepared(d.name, args)
+                if attempt == 1 and result.error_field(_SQLSTATE) == _NO_SUCH_STATEMENT:
+                    prepared.discard(d.name)  # gone from the session (DISCARD ALL): again
+                    continue
+                _check(psycopg, result)
+                return _Rows(result)
+            raise AssertionError("unreachable: the second attempt returns or raises")
+        except psycopg.Error as err:
+            gone = dialect.is_disconnect(err, record.dbapi_connection, None)
+            if gone:
+                conn.invalidate(err)
+            raise exc.DBAPIError.instance(d.sql.decode(), args, err, psycopg.Error,
+                                          connection_invalidated=gone,
+                                          dialect=dialect) from err
+
+
+def _utf8(conn: Connection) -> bool:
+    """The connection's client encoding is UTF-8 (the direct path's text), looked up once."""
+    info = conn.connection.info
+    utf8 = info.get(_UTF8)
+    if utf8 is None:
+        utf8 = info[_UTF8] = conn.connection.driver_connection.info.encoding == "utf-8"  # type: ignore[union-attr]
+    return bool(utf8)
+
+
+_UTF8 = "virtfleet.fast.utf8"
+
+_SQLSTATE = ord("C")  # PG_DIAG_SQLSTATE
+_NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name
+
+
+def _check(psycopg: Any, result: Any) -> None:
+    """Raise psycopg's error for a result that is one."""
+    if result.status not in _OK:
+        raise psycopg.errors.error_from_result(result, encoding="utf-8")
+
+
+_OK = (1, 2)  # COMMAND_OK, TUPLES_OK
+
+
+class _Rows:
+    """A direct statement's outcome: its row count, and its rows as text (bytes)."""
+
+    def __init__(self, result: Any) -> None:
+        self._result = result
+        status = result.command_tuples
+        self.rowcount = -1 if status is None else int(status)
+        self._next = 0
+
+    def fetchone(self) -> tuple[bytes | None, ...] | None:
+        result = self._result
+        if self._next >= result.ntuples:
+            return None
+        row = tuple(result.get_value(self._next, i) for i in range(result.nfields))
+        self._next += 1
+        return row

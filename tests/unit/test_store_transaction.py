@@ -342,6 +342,58 @@ def test_a_lost_compare_and_set_writes_no_placed_row(store: Store,
         assert s.scalars(select(Claim.vm_id)).all() == ["other"]
 
 
+def direct_statements(conn: object) -> list[str]:
+    """The statements the direct path prepared on a connection (PostgreSQL)."""
+    return list(conn.execute(text(  # type: ignore[attr-defined]
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'vf_fast_%'")).scalars())
+
+
+def test_a_single_statement_claim_on_postgresql_runs_prepared_on_libpq(
+        store: Store, project_image: tuple[int, str]) -> None:
+    """PostgreSQL, autocommit: the claim's statement is prepared once on the connection
+    under a name of its own and run by libpq with its values as text (quotes, percent signs,
+    dollars, JSON and times as Core writes them); after DISCARD ALL it is prepared again;
+    an error comes out as SQLAlchemy's, nothing is written, and the connection goes on."""
+    if not store.url.startswith("postgresql"):
+        pytest.skip("the direct path is PostgreSQL's")
+    host_id = add_host(store, "a", 8 * 512)
+    odd = {"user_data": "it's 100% done; %(x)s %s $1 \\ \u00e9t\u00e9", "mac": "$2"}
+
+    def odd_row(name: str) -> claims.PlacedRow:
+        row = placed_row(project_image, name)
+        row.values.update(odd)
+        return row
+
+    def decide(name: str) -> claims.Placement:
+        row = odd_row(name)
+        with store.transaction(single_statement=True) as conn:
+            placed = claims.claim(conn, str(row.values["id"]), REQ, SETTINGS, row=row)
+            assert len(direct_statements(conn)) == 1
+        core = {**vm_values(project_image, "core-" + name, host_id), **odd,
+                "alternates": []}
+        with store.transaction() as conn:
+            conn.execute(insert(VM), core)
+        assert row_of(store, str(row.values["id"])) == row_of(store, str(core["id"]))
+        return placed
+
+    first = decide("one")
+    with store.transaction(single_statement=True) as conn:
+        conn.execute(text("DISCARD ALL"))
+        assert direct_statements(conn) == []
+    second = decide("two")
+    assert (first.host.generation, second.host.generation) == (1, 2)
+    with pytest.raises(IntegrityError), store.transaction(single_statement=True) as conn:
+        row = odd_row("no-such-image")
+        row.values["image_id"] = "no-such-image"
+        claims.claim(conn, str(row.values["id"]), REQ, SETTINGS, row=row)
+    decide("three")
+    with store.sessions() as s:
+        assert sorted(s.scalars(select(VM.name)).all()) == [
+            "core-one", "core-three", "core-two", "one", "three", "two"]
+        assert s.scalar(select(Host.generation).where(Host.id == host_id)) == 3
+        assert len(s.scalars(select(Claim.id)).all()) == 3
+
+
 @pytest.mark.parametrize("threads, room", [(12, 5)])
 def test_concurrent_single_statement_decisions_take_exactly_the_room(
         store: Store, project_image: tuple[int, str], threads: int, room: int) -> None:
