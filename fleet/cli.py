@@ -170,17 +170,20 @@ def bench_burst(requests_total: int, room: int, hosts_nice: int, as_json: bool,
 @click.option("--host-subset-size", default=1, show_default=True, type=click.IntRange(1, 100),
               help="each decision picks at random among the best N hosts (the setting "
                    "host_subset_size: fewer collisions between deciding processes)")
+@click.option("--warmup", default=50, show_default=True, type=click.IntRange(min=0),
+              help="untimed decisions each decider makes first (its connections, compiled "
+                   "statements and first read of every host), checked with the others")
 @click.option("--json", "as_json", is_flag=True, help="print all figures as one JSON object")
 @click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
 def bench_placement(hosts: int, decisions: int, db: str, pg_url: str | None,
                     host_cache_ttl: float | None, deciders: int, processes: int,
-                    host_subset_size: int, as_json: bool, strict: bool) -> None:
+                    host_subset_size: int, warmup: int, as_json: bool, strict: bool) -> None:
     """Placement decisions per second (each one transaction with its claim), per database."""
     from bench.placement import main as run_placement
     sys.exit(run_placement(hosts=hosts, decisions=decisions, db=db, pg_url=pg_url,
                            as_json=as_json, strict=strict, host_cache_ttl=host_cache_ttl,
                            deciders=deciders, processes=processes,
-                           host_subset_size=host_subset_size))
+                           host_subset_size=host_subset_size, warmup=warmup))
 
 
 @bench.command("images")
