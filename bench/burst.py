@@ -27,7 +27,7 @@ import requests
 from sqlalchemy import select
 
 from bench.cluster import Api, Cluster, free_port
-from bench.stats import percentile
+from bench.stats import cpu_times, percentile, steal_share
 from demo.image import build_demo_image, default_image_path
 from fleet.config import load_settings
 from fleet.store.models import Claim, Host
@@ -199,10 +199,12 @@ def _run(tmp: Path, requests_total: int, room: int, hosts: int,
         watcher.start()
         t_start, t_start_wall = time.perf_counter(), time.time()
         cpu_before = cpu_by_process(c.procs)
+        machine_before = cpu_times()
         with ThreadPoolExecutor(max_workers=requests_total) as pool:
             results = list(pool.map(one, range(requests_total)))
         wall = time.perf_counter() - t_start
         cpu_after = cpu_by_process(c.procs)
+        steal = steal_share(machine_before, cpu_times())
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         time.sleep(0.2)
         stop.set()
@@ -231,6 +233,7 @@ def _run(tmp: Path, requests_total: int, room: int, hosts: int,
             "cpu_s_during_burst": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 2)
                                    for k in cpu_after},
             "load_average": load, "hosts_nice": hosts_nice,
+            "steal": None if steal is None else round(steal, 4),
         }
         figures["pass"] = (figures["accepted_202"] == room
                            and figures["refused_409"] == requests_total - room
@@ -258,8 +261,10 @@ def main(requests_total: int = 200, room: int = 150, as_json: bool = False,
               f"wall {f['wall_s']} s")
         for msg in f["refusal_messages"]:
             print(f"  refused with: {msg}")
+        steal = "unknown" if f["steal"] is None else f"{f['steal'] * 100:.1f}%"
         print(f"  CPU seconds used during the burst ({os.cpu_count()} CPUs, load average "
-              f"{f['load_average']}): " + ", ".join(
+              f"{f['load_average']}, the hypervisor's steal {steal} of the machine's CPU "
+              f"time): " + ", ".join(
                   f"{k} {v:.2f}" for k, v in f["cpu_s_during_burst"].items()))
         print("  store write transactions (count, total/longest wait for the writer lock, "
               "total/longest hold, the holder's CPU), per process and function:")

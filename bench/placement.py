@@ -48,7 +48,7 @@ from typing import Any
 from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 
-from bench.stats import percentile
+from bench.stats import cpu_times, percentile, steal_share
 from fleet.config import Settings
 from fleet.store.migrate import upgrade
 from fleet.store.models import VM, Claim, Host, Image, Project, new_id, utcnow
@@ -111,6 +111,9 @@ class Result:
     SQLite)."""
     load: str = ""
     """The machine's load averages when the run ended (the figures depend on it)."""
+    steal: float | None = None
+    """Share of the machine's CPU time the hypervisor gave to other guests while the
+    decisions were timed (None where unknown)."""
     lost_cas: int = 0
     """Compare-and-sets lost (a cached host was stale)."""
     cache_reloads: int = 0
@@ -298,6 +301,8 @@ class Part:
     every process of the machine)."""
     ended: float = 0.0
     cpu_s: float = 0.0
+    steal: float | None = None
+    """The machine's steal share while this part's decisions were timed."""
     reloads: int = 0
     full_reloads: int = 0
 
@@ -313,12 +318,14 @@ def run_deciders(store: Store, settings: Settings, project_id: int, image_id: st
     timer = Timer()
     failures: list[BaseException] = []
     at_start: dict[str, float] = {}
+    machine: dict[str, tuple[int, int] | None] = {}
 
     def start() -> None:
         """Run by the last decider to have warmed up, before any goes on."""
         if ready is not None:
             ready.wait()
         at_start["lost"] = timer.lost
+        machine["start"] = cpu_times()
         part.started, at_start["cpu"] = time.perf_counter(), time.process_time()
 
     go = threading.Barrier(deciders, action=start)
@@ -373,6 +380,7 @@ def run_deciders(store: Store, settings: Settings, project_id: int, image_id: st
             t.join()
         part.ended = time.perf_counter()
         part.cpu_s = time.process_time() - at_start.get("cpu", 0.0)
+        part.steal = steal_share(machine.get("start"), cpu_times())
     sys.setswitchinterval(switch)
     if failures:
         raise failures[0]
@@ -476,6 +484,8 @@ def run_one(db: str, store: Store, n_hosts: int, n_decisions: int,
     result.refused = sum(p.refused for p in parts)
     result.warm_placed = sum(p.warm_placed for p in parts)
     result.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    steals = [p.steal for p in parts if p.steal is not None]
+    result.steal = max(steals) if steals else None
     result.lost_cas = sum(p.lost for p in parts)
     for phase in (*PHASES, "other"):
         values = [v for p in parts for v in p.phases.get(phase, ())]
@@ -517,8 +527,10 @@ def report(results: Sequence[Result], settings: Settings) -> str:
             f"latency ms p50 {r.p50_ms:.2f} p95 {r.p95_ms:.2f} p99 {r.p99_ms:.2f} "
             f"max {r.max_ms:.2f}; host cache reloads {r.cache_reloads} "
             f"({r.cache_full_reloads} in full); lost compare-and-sets {r.lost_cas}")
+        steal = "unknown" if r.steal is None else f"{r.steal * 100:.1f}%"
         lines.append(f"{'':<10} deciding processes' CPU per decision {r.cpu_ms:.3f} ms; "
-                     f"load average {r.load} on {os.cpu_count()} CPUs")
+                     f"load average {r.load} on {os.cpu_count()} CPUs; the hypervisor's "
+                     f"steal while timed: {steal} of the machine's CPU time")
         if r.breakdown_ms:
             lines.append(f"{'':<10} ms per decision, mean/p99: " + "; ".join(
                 f"{phase} {b['mean']:.3f}/{b['p99']:.3f}" for phase, b in r.breakdown_ms.items()))

@@ -1,5 +1,6 @@
-"""The pure helpers of `virtfleet bench submit`: percentiles, summaries, verdicts, the
-breakdown from event timestamps, the report and its table. Nothing here is timed."""
+"""The pure helpers of the benchmarks: percentiles and the hypervisor's steal (bench/stats.py),
+and `virtfleet bench submit`'s summaries, verdicts, the breakdown from event timestamps, the
+report and its table. Nothing here is timed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from bench import submit
+from bench.stats import cpu_times, steal_share
 
 
 def test_percentile_interpolates_between_ranks_like_numpy() -> None:
@@ -239,3 +241,20 @@ def test_bench_images_quiet_can_drop_the_stores_files(tmp_path) -> None:
     assert (tmp_path / "images" / ("ab" * 32)).exists()
     images.quiet(tmp_path, drop_images=True)
     assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_steal_is_the_share_of_the_machines_cpu_time_between_two_readings(tmp_path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 50 0 25 400 5 0 2 18 3 0\n")
+    before = cpu_times(str(stat))
+    assert before == (35, 1000)  # guest time is inside user already: not counted twice
+    stat.write_text("cpu  160 0 80 1500 10 0 10 235 9 0\n")
+    after = cpu_times(str(stat))
+    assert after == (235, 1995)
+    assert steal_share(before, after) == pytest.approx(200 / 995)
+    assert steal_share(after, after) is None and steal_share(None, after) is None
+    assert cpu_times(str(tmp_path / "none")) is None
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_times(str(stat)) is None
+
