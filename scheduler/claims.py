@@ -111,8 +111,7 @@ _FAST_CAS_AND_RECORD = FastStatement(_CAS_AND_RECORD, ("hid", "gen", "v", "m", "
                                                        "claim_vm", "claim_at"), direct=True)
 """The same statements run on the driver's connection (fleet/store/fast.py): SQLAlchemy's
 per-statement work was most of a decision's time. The claim statements of PostgreSQL are
-`direct`: libpq runs them (their rows are only counted), in a single-statement transaction
-or once the caller's transaction has begun."""
+`direct`: in a single-statement transaction, libpq runs them (their rows are only counted)."""
 
 
 @dataclass(frozen=True)

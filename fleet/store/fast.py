@@ -14,15 +14,16 @@ would. Not for anything that needs ORM events, SQL logging or result rows as SQL
 types: callers get the driver's cursor (rowcount, fetchone).
 
 On PostgreSQL a statement marked `direct` (a placement decision's claim) goes further when
-its connection is in autocommit (a `Store.transaction(single_statement=True)`) or inside a
-transaction block psycopg has already begun (the create path's transaction, after its first
-statement): it is prepared once per connection under a name of its own and run with libpq's
-PQexecPrepared through psycopg's `pgconn`, its parameters given as text (each has an
-explicit cast in the SQL, so the server needs no types), each name once. psycopg follows the
-transaction through libpq's status, so its COMMIT or ROLLBACK covers the statement.
-psycopg's own execute (query conversion, adapting every value, its prepared-statement
-bookkeeping, a non-blocking send and wait) cost about as much client CPU as the round trip
-itself. psycopg's binding releases the GIL while libpq waits.
+its connection is in autocommit (a `Store.transaction(single_statement=True)`: the decision
+is that one statement): it is prepared once per connection under a name of its own and run
+with libpq's PQexecPrepared through psycopg's `pgconn`, its parameters given as text (each
+has an explicit cast in the SQL, so the server needs no types), each name once. psycopg's
+own execute (query conversion, adapting every value, its prepared-statement bookkeeping, a
+non-blocking send and wait) cost about as much client CPU as the round trip itself.
+psycopg's binding releases the GIL while libpq waits. Not inside a transaction of several
+statements (the create's): psycopg deallocates every prepared statement of a connection
+after a rollback, and a statement found gone there would abort the transaction, where in
+autocommit it is simply prepared again.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ class FastStatement:
         self.statement = statement
         self.keys = tuple(keys)
         self.direct = direct
-        """PostgreSQL, in autocommit or a begun transaction: run on libpq (see the module's
-        notes). Its rows then come back as text (bytes), for callers that only count them."""
+        """PostgreSQL in autocommit: run on libpq (see the module's notes). Its rows then come
+        back as text (bytes), for callers that only count them."""
         self._compiled: dict[str, _Compiled] = {}
 
     def _compile(self, dialect: Dialect) -> _Compiled:
@@ -301,9 +302,7 @@ class FastStatement:
             conn.begin()
         if c.direct is not None:
             driver = conn.connection.driver_connection
-            if driver is not None and _utf8(conn) and (
-                    driver.pgconn.transaction_status == _IN_TRANSACTION
-                    or (driver.autocommit and driver.pgconn.transaction_status == _IDLE)):
+            if driver is not None and driver.autocommit and _utf8(conn):
                 try:
                     return self._run_direct(conn, c.direct, c.defaults, params)
                 except _NotDirect:
@@ -388,10 +387,6 @@ def _utf8(conn: Connection) -> bool:
 
 
 _UTF8 = "virtfleet.fast.utf8"
-
-_IDLE, _IN_TRANSACTION = 0, 2
-"""libpq's transaction status: no transaction open; in a transaction block (psycopg has sent
-its BEGIN)."""
 
 _SQLSTATE = ord("C")  # PG_DIAG_SQLSTATE
 _NO_SUCH_STATEMENT = b"26000"  # invalid_sql_statement_name
