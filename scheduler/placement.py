@@ -125,7 +125,8 @@ class Ranking:
         if self._hosts is not None:
             return self._hosts[:n]
         assert self._table is not None
-        return self._table.snapshot_array[self._idx[self._positions(n)]].tolist()  # type: ignore[no-any-return]
+        snaps = self._table.snapshots
+        return [snaps[i] for i in self._idx[self._positions(n)].tolist()]
 
     @property
     def hosts(self) -> list[HostSnapshot]:

@@ -132,13 +132,8 @@ class HostTable(Sequence[HostSnapshot]):
         self.vm_count = np.array([h.vm_count for h in snaps], dtype=np.float64)
         self.builds = np.array([h.builds for h in snaps], dtype=np.float64)
 
-    def _objects(self) -> None:
-        self.snapshot_array = np.empty(len(self.snapshots), dtype=object)
-        self.snapshot_array[:] = self.snapshots
-
     def _lookups(self) -> None:
         snaps = self.snapshots
-        self._objects()
         self.names: list[str] = [h.name for h in snaps]
         self.by_id: dict[int, int] = {h.id: i for i, h in enumerate(snaps)}
         self.by_name: dict[str, list[int]] = {}
@@ -181,9 +176,6 @@ class HostTable(Sequence[HostSnapshot]):
         new = object.__new__(HostTable)
         new.__dict__.update(self.__dict__)
         new.snapshots = snaps
-        new.snapshot_array = self.snapshot_array.copy()
-        for i, h in changes.items():
-            new.snapshot_array[i] = h
         # Copy only the columns that change (a claim leaves alive, enabled, maintenance and
         # max_vms as they were): this runs after every claim.
         rows = [(i, _numbers(h)) for i, h in changes.items()]
