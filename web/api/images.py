@@ -22,7 +22,7 @@ from typing import Any
 from flask import current_app, request, send_file
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from fleet.exceptions import BadRequest, Conflict, NotFound, VirtfleetError
@@ -76,10 +76,19 @@ def visible(query, who: Principal):  # type: ignore[no-untyped-def]
     return query.where(or_(Image.project_id == who.project_id, Image.visibility == "public"))
 
 
+_BY_REF = select(Image).where(or_(Image.id == bindparam("ref"), Image.name == bindparam("ref")))
+_BY_REF_VISIBLE = _BY_REF.where(or_(Image.project_id == bindparam("project_id"),
+                                    Image.visibility == "public"))
+"""An image by id or name (for admins and hosts), and as a project may see it (`visible`):
+built once, with parameters (every create looks its image up)."""
+
+
 def find_image(session, ref: str, who: Principal) -> Image:  # type: ignore[no-untyped-def]
     """An image by id or name, as this principal may see it (own project first)."""
-    q = visible(select(Image), who).where(or_(Image.id == ref, Image.name == ref))
-    found = session.scalars(q).all()
+    if who.is_admin or who.is_host:
+        found = session.scalars(_BY_REF, {"ref": ref}).all()
+    else:
+        found = session.scalars(_BY_REF_VISIBLE, {"ref": ref, "project_id": who.project_id}).all()
     found.sort(key=lambda i: (i.project_id != who.project_id, i.id != ref))
     if not found:
         raise NotFound(f"image '{ref}' not found")

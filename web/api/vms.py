@@ -47,7 +47,7 @@ class VMs(MethodView):
                 _ = vm.host, vm.project, vm.network
             return vms
 
-    @blp.arguments(VMCreateSchema)
+    @blp.arguments(VMCreateSchema())  # an instance: webargs would make one per request
     @blp.response(202, VMAcceptedSchema)
     @blp.alt_response(409, description="no host can take it, or the name is taken")
     def post(self, data):  # type: ignore[no-untyped-def]
