@@ -26,6 +26,19 @@ class Dispatcher(Protocol):
     def console_info(self, host: str, vm_id: str) -> dict[str, Any]: ...
 
 
+def summary(payload: dict[str, Any]) -> str:
+    """What a message's headers say of its payload (Celery's `argsrepr`, which monitoring
+    tools and task events show): its ids only. Celery would otherwise put the repr of the
+    whole payload there, user-data (passwords in a cloud-config) and keys included, and
+    making it took ~0.2 ms of the web's CPU per message."""
+    ids = {k: v for k, v in payload.items()
+           if k.endswith("_id") and isinstance(v, str | int) and not isinstance(v, bool)}
+    vm = payload.get("vm")
+    if isinstance(vm, dict) and isinstance(vm.get("id"), str):
+        ids["vm_id"] = vm["id"]
+    return repr([ids])
+
+
 class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
         self.app = make_celery(settings, "virtfleet-web")
@@ -33,7 +46,8 @@ class CeleryDispatcher:
     def _send(self, task: str, payload: dict[str, Any], queue: str) -> None:
         # ignore_result: send_task does not know the task's own setting, and would otherwise
         # subscribe to a result channel per message (never read, never let go of).
-        self.app.send_task(task, args=[payload], queue=queue, ignore_result=True)
+        self.app.send_task(task, args=[payload], queue=queue, ignore_result=True,
+                           argsrepr=summary(payload), kwargsrepr="{}")
 
     def build(self, host: str, payload: dict[str, Any]) -> None:
         self._send(c.TASK_BUILD_VM, payload, c.host_queue(host))
