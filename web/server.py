@@ -73,12 +73,19 @@ def serve(settings: Settings) -> None:
     interpreter competing for the CPUs; in a burst of 200 creates through two API processes,
     1 x 32 answered the slowest request about 40% sooner than 2 x 16."""
     from web import create_app
+    from web.warmup import warm_up
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # inherited by gunicorn's forked workers
     if not keep_freed_memory():  # before gunicorn forks its workers: they inherit it
         log.info("glibc's mallopt is not available: memory is left as the C library keeps it")
-    _Gunicorn(create_app(settings=settings), {
+    app = create_app(settings=settings)
+
+    def post_worker_init(_worker: Any) -> None:
+        warm_up(app)  # in each worker, once forked: connections are its own
+
+    _Gunicorn(app, {
         "bind": settings.web_bind, "workers": settings.web_workers,
         "threads": settings.web_threads,
         "worker_class": "gthread", "timeout": 120, "graceful_timeout": 5,
         "accesslog": "-", "loglevel": settings.log_level.lower(),
+        "post_worker_init": post_worker_init,
     }).run()
