@@ -222,6 +222,24 @@ def test_another_projects_private_image_is_404(env: Env) -> None:
 # -- create -------------------------------------------------------------------------------
 
 
+def test_a_project_lists_and_finds_its_own_images_and_the_public_ones(env: Env) -> None:
+    with env.store.session() as s:
+        team_b = s.scalars(select(Project).where(Project.name == "team-b")).one()
+        s.add(Image(id="img-b", name="bobs", project_id=team_b.id, sha256=SHA))
+        s.add(Image(id="img-p", name="shared", project_id=team_b.id, sha256=SHA,
+                    visibility="public"))
+
+    def names(who: str) -> list[str]:
+        return sorted(i["name"] for i in env.call("GET", "/api/v1/images", who=who).get_json())
+
+    assert names("alice") == ["debian", "shared"]
+    assert names("bob") == ["bobs", "shared"]
+    assert names("root") == ["bobs", "debian", "shared"]
+    assert env.call("GET", "/api/v1/images/shared", who="alice").status_code == 200
+    assert env.call("GET", "/api/v1/images/img-b", who="alice").status_code == 404
+    assert env.call("GET", "/api/v1/images/bobs", who="root").status_code == 200
+
+
 def test_valid_create_is_202_and_sends_the_build(env: Env) -> None:
     resp = env.call("POST", "/api/v1/vms", json=vm_body(user_data="#cloud-config\n"))
     assert resp.status_code == 202, resp.get_json()

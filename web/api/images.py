@@ -70,17 +70,20 @@ def _imports_dir() -> Path:
     return _settings().state_dir / "imports"
 
 
+_VISIBLE = or_(Image.project_id == bindparam("project_id"), Image.visibility == "public")
+"""What a project may see of the images: its own and the public ones."""
+
+
 def visible(query, who: Principal):  # type: ignore[no-untyped-def]
     if who.is_admin or who.is_host:
         return query
-    return query.where(or_(Image.project_id == who.project_id, Image.visibility == "public"))
+    return query.where(_VISIBLE).params(project_id=who.project_id)
 
 
 _BY_REF = select(Image).where(or_(Image.id == bindparam("ref"), Image.name == bindparam("ref")))
-_BY_REF_VISIBLE = _BY_REF.where(or_(Image.project_id == bindparam("project_id"),
-                                    Image.visibility == "public"))
-"""An image by id or name (for admins and hosts), and as a project may see it (`visible`):
-built once, with parameters (every create looks its image up)."""
+_BY_REF_VISIBLE = _BY_REF.where(_VISIBLE)
+"""An image by id or name (for admins and hosts), and as a project may see it: built once,
+with parameters (every create looks its image up)."""
 
 
 def find_image(session, ref: str, who: Principal) -> Image:  # type: ignore[no-untyped-def]
