@@ -317,15 +317,15 @@ def run_deciders(store: Store, settings: Settings, project_id: int, image_id: st
     part = Part(phases={p: [] for p in (*PHASES, "other")})
     timer = Timer()
     failures: list[BaseException] = []
-    at_start: dict[str, float] = {}
-    machine: dict[str, tuple[int, int] | None] = {}
+    at_start: dict[str, Any] = {}
+    """What the clock's start saw: lost compare-and-sets, process CPU, machine CPU times."""
 
     def start() -> None:
         """Run by the last decider to have warmed up, before any goes on."""
         if ready is not None:
             ready.wait()
         at_start["lost"] = timer.lost
-        machine["start"] = cpu_times()
+        at_start["machine"] = cpu_times()
         part.started, at_start["cpu"] = time.perf_counter(), time.process_time()
 
     go = threading.Barrier(deciders, action=start)
@@ -380,7 +380,7 @@ def run_deciders(store: Store, settings: Settings, project_id: int, image_id: st
             t.join()
         part.ended = time.perf_counter()
         part.cpu_s = time.process_time() - at_start.get("cpu", 0.0)
-        part.steal = steal_share(machine.get("start"), cpu_times())
+        part.steal = steal_share(at_start.get("machine"), cpu_times())
     sys.setswitchinterval(switch)
     if failures:
         raise failures[0]

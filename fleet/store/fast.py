@@ -331,12 +331,7 @@ class FastStatement:
                 return cursor.execute(c.sql, args, prepare=True)
             return driver.execute(c.sql, args)
         except dialect.loaded_dbapi.Error as err:
-            gone = dialect.is_disconnect(err, conn.connection.dbapi_connection, None)
-            if gone:
-                conn.invalidate(err)
-            raise exc.DBAPIError.instance(c.sql, args, err, dialect.loaded_dbapi.Error,
-                                          connection_invalidated=gone,
-                                          dialect=dialect) from err
+            raise _as_sqlalchemy(conn, c.sql, args, err) from err
 
     @staticmethod
     def _run_direct(conn: Connection, d: _Direct, defaults: Mapping[str, Callable[[], Any]],
@@ -351,11 +346,10 @@ class FastStatement:
             else:
                 value = defaults[name]()
             args.append(encode(value))
-        dialect = conn.dialect
         record = conn.connection
         pgconn = record.driver_connection.pgconn  # type: ignore[union-attr]
         prepared: set[bytes] = record.info.setdefault(_PREPARED, set())
-        psycopg = dialect.loaded_dbapi
+        psycopg = conn.dialect.loaded_dbapi
         try:
             for attempt in (1, 2):
                 if d.name not in prepared:
@@ -369,12 +363,18 @@ class FastStatement:
                 return _Rows(result)
             raise AssertionError("unreachable: the second attempt returns or raises")
         except psycopg.Error as err:
-            gone = dialect.is_disconnect(err, record.dbapi_connection, None)
-            if gone:
-                conn.invalidate(err)
-            raise exc.DBAPIError.instance(d.sql.decode(), args, err, psycopg.Error,
-                                          connection_invalidated=gone,
-                                          dialect=dialect) from err
+            raise _as_sqlalchemy(conn, d.sql.decode(), args, err) from err
+
+
+def _as_sqlalchemy(conn: Connection, sql: str, args: Any, err: Exception) -> exc.DBAPIError:
+    """A driver error as SQLAlchemy's own (IntegrityError, ...), the connection invalidated
+    first when the error says it is gone, as SQLAlchemy's execute does."""
+    dialect = conn.dialect
+    gone = dialect.is_disconnect(err, conn.connection.dbapi_connection, None)
+    if gone:
+        conn.invalidate(err)
+    return exc.DBAPIError.instance(sql, args, err, dialect.loaded_dbapi.Error,
+                                   connection_invalidated=gone, dialect=dialect)
 
 
 def _utf8(conn: Connection) -> bool:
